@@ -1,0 +1,441 @@
+//! One connection to one clamd: connect, send a command, stream a file.
+//!
+//! Every operation here has a deadline, because clamd never says "busy":
+//! past its MaxQueue it stops reading and a client without timeouts hangs.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::timeout;
+
+use crate::proto::{self, Command, Frame, ScanReply, Stats, Version};
+
+/// Where a clamd listens: `tcp://host:port` or `unix:/path/to/clamd.sock`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Address {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl FromStr for Address {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(rest) = s.strip_prefix("tcp://") {
+            let rest = rest.trim_end_matches('/');
+            // host:port, where host may be a bracketed IPv6 literal.
+            match rest.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                    Ok(Address::Tcp(rest.to_owned()))
+                }
+                _ => Err(format!("{s:?}: expected tcp://HOST:PORT")),
+            }
+        } else if let Some(rest) = s.strip_prefix("unix:") {
+            // Accept unix:/path and unix:///path alike.
+            let path = rest.strip_prefix("//").unwrap_or(rest);
+            if path.starts_with('/') {
+                Ok(Address::Unix(PathBuf::from(path)))
+            } else {
+                Err(format!("{s:?}: expected unix:/ABSOLUTE/PATH"))
+            }
+        } else {
+            Err(format!(
+                "{s:?}: expected tcp://HOST:PORT or unix:/PATH (e.g. unix:/run/clamav/clamd.ctl)"
+            ))
+        }
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Tcp(hostport) => write!(f, "tcp://{hostport}"),
+            Address::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Deadlines for one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Establishing the connection.
+    pub connect: Duration,
+    /// Any single read or write while streaming: a clamd that stops reading
+    /// (its queue is full, or it hangs) is given up on after this long.
+    pub io: Duration,
+    /// From the end of a stream (or a command) to clamd's reply: the
+    /// longest a scan may take. Should be a little above clamd's MaxScanTime.
+    pub reply: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(2),
+            io: Duration::from_secs(30),
+            reply: Duration::from_secs(130),
+        }
+    }
+}
+
+/// Why talking to clamd failed. None of these is a verdict.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error("connection failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("clamd closed the connection without a reply")]
+    Closed,
+    #[error("unexpected reply from clamd: {0}")]
+    Protocol(#[from] proto::ParseError),
+    /// clamd answered before the stream was complete (it stopped reading,
+    /// for example past StreamMaxLength) and the rest could not be sent.
+    #[error("clamd answered before the stream ended: {0:?}")]
+    EarlyReply(ScanReply),
+}
+
+impl Error {
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout(_))
+    }
+}
+
+/// Either kind of socket. Both halves are `Unpin`, so delegating needs no
+/// pin projection (and no unsafe).
+#[derive(Debug)]
+enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Socket::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Socket::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+}
+
+/// One open connection to clamd.
+#[derive(Debug)]
+pub struct Connection {
+    socket: Socket,
+    buf: Vec<u8>,
+    timeouts: Timeouts,
+}
+
+impl Connection {
+    pub async fn connect(addr: &Address, timeouts: Timeouts) -> Result<Connection, Error> {
+        let connect = async {
+            match addr {
+                Address::Tcp(hostport) => {
+                    let s = TcpStream::connect(hostport.as_str()).await?;
+                    // Chunk headers are tiny writes; do not let Nagle hold them.
+                    s.set_nodelay(true)?;
+                    Ok(Socket::Tcp(s))
+                }
+                Address::Unix(path) => Ok(Socket::Unix(UnixStream::connect(path).await?)),
+            }
+        };
+        let socket = timeout(timeouts.connect, connect)
+            .await
+            .map_err(|_| Error::Timeout("connecting"))?
+            .map_err(|source| Error::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        Ok(Connection {
+            socket,
+            buf: Vec::with_capacity(256),
+            timeouts,
+        })
+    }
+
+    pub async fn ping(&mut self) -> Result<(), Error> {
+        let reply = self.command(Command::Ping).await?;
+        Ok(proto::parse_pong(&reply)?)
+    }
+
+    pub async fn version(&mut self) -> Result<Version, Error> {
+        let reply = self.command(Command::Version).await?;
+        Ok(Version::parse(&reply)?)
+    }
+
+    pub async fn stats(&mut self) -> Result<Stats, Error> {
+        let reply = self.command(Command::Stats).await?;
+        Ok(Stats::parse(&reply)?)
+    }
+
+    /// Asks clamd to reload its database. With `ConcurrentDatabaseReload
+    /// yes` (the default) scans go on on the old engine meanwhile.
+    pub async fn reload(&mut self) -> Result<(), Error> {
+        let reply = self.command(Command::Reload).await?;
+        Ok(proto::parse_reloading(&reply)?)
+    }
+
+    /// Starts an INSTREAM scan on this connection.
+    pub async fn instream(mut self) -> Result<Instream, Error> {
+        self.write_all(Command::Instream.encode()).await?;
+        Ok(Instream {
+            conn: self,
+            sent: 0,
+        })
+    }
+
+    /// Scans a buffer held in memory (probes, small payloads).
+    pub async fn scan_bytes(self, data: &[u8]) -> Result<ScanReply, Error> {
+        let mut stream = self.instream().await?;
+        for chunk in data.chunks(proto::MAX_CHUNK) {
+            stream.send(chunk).await?;
+        }
+        stream.finish().await
+    }
+
+    async fn command(&mut self, cmd: Command) -> Result<Vec<u8>, Error> {
+        self.write_all(cmd.encode()).await?;
+        self.read_reply(self.timeouts.reply).await
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> Result<(), Error> {
+        timeout(self.timeouts.io, self.socket.write_all(data))
+            .await
+            .map_err(|_| Error::Timeout("writing to clamd"))??;
+        Ok(())
+    }
+
+    /// Reads one NUL-terminated reply.
+    async fn read_reply(&mut self, limit: Duration) -> Result<Vec<u8>, Error> {
+        let read = async {
+            loop {
+                if let Frame::Complete(reply, used) = proto::frame(&self.buf)? {
+                    let reply = reply.to_vec();
+                    self.buf.drain(..used);
+                    return Ok(reply);
+                }
+                let mut chunk = [0u8; 1024];
+                let n = self.socket.read(&mut chunk).await?;
+                if n == 0 {
+                    return Err(Error::Closed);
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        timeout(limit, read)
+            .await
+            .map_err(|_| Error::Timeout("waiting for clamd's reply"))?
+    }
+}
+
+/// An INSTREAM in progress: feed it with [`Instream::send`], end it with
+/// [`Instream::finish`].
+#[derive(Debug)]
+pub struct Instream {
+    conn: Connection,
+    sent: u64,
+}
+
+impl Instream {
+    /// Sends `data` as one or more chunks (split at [`proto::MAX_CHUNK`]).
+    ///
+    /// If the write fails, clamd may already have answered (it closes the
+    /// connection past StreamMaxLength, and the write then fails with EPIPE
+    /// while its reply is still readable), so we try to read that reply and
+    /// return it as [`Error::EarlyReply`].
+    pub async fn send(&mut self, data: &[u8]) -> Result<(), Error> {
+        for chunk in data.chunks(proto::MAX_CHUNK) {
+            let Some(header) = proto::chunk_header(chunk.len()) else {
+                continue; // empty input: nothing to send
+            };
+            let write = async {
+                self.conn.socket.write_all(&header).await?;
+                self.conn.socket.write_all(chunk).await
+            };
+            match timeout(self.conn.timeouts.io, write).await {
+                Ok(Ok(())) => self.sent += chunk.len() as u64,
+                Ok(Err(e)) => return Err(self.reply_after_write_error(Error::Io(e)).await),
+                Err(_) => return Err(Error::Timeout("sending data to clamd")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of payload sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Ends the stream and waits for clamd's verdict.
+    pub async fn finish(mut self) -> Result<ScanReply, Error> {
+        if let Err(e) = self.conn.write_all(&proto::END_OF_STREAM).await {
+            return Err(match e {
+                Error::Io(_) => self.reply_after_write_error(e).await,
+                other => other,
+            });
+        }
+        let reply = self.conn.read_reply(self.conn.timeouts.reply).await?;
+        Ok(ScanReply::parse(&reply)?)
+    }
+
+    async fn reply_after_write_error(&mut self, original: Error) -> Error {
+        // A short wait: either the reply is already in our receive buffer,
+        // or the connection is simply gone.
+        match self.conn.read_reply(Duration::from_secs(1)).await {
+            Ok(reply) => match ScanReply::parse(&reply) {
+                Ok(reply) => Error::EarlyReply(reply),
+                Err(e) => Error::Protocol(e),
+            },
+            Err(_) => original,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_and_print() {
+        let tcp: Address = "tcp://127.0.0.1:3310".parse().unwrap();
+        assert_eq!(tcp, Address::Tcp("127.0.0.1:3310".into()));
+        assert_eq!(tcp.to_string(), "tcp://127.0.0.1:3310");
+        let v6: Address = "tcp://[::1]:3310".parse().unwrap();
+        assert_eq!(v6, Address::Tcp("[::1]:3310".into()));
+        let unix: Address = "unix:/run/clamav/clamd.ctl".parse().unwrap();
+        assert_eq!(unix, Address::Unix("/run/clamav/clamd.ctl".into()));
+        assert_eq!(unix.to_string(), "unix:/run/clamav/clamd.ctl");
+        let unix3: Address = "unix:///run/clamd.sock".parse().unwrap();
+        assert_eq!(unix3, Address::Unix("/run/clamd.sock".into()));
+        for bad in [
+            "127.0.0.1:3310",
+            "tcp://",
+            "tcp://host",
+            "tcp://host:notaport",
+            "tcp://:3310",
+            "unix:relative.sock",
+            "http://x:1",
+        ] {
+            assert!(bad.parse::<Address>().is_err(), "{bad} parsed");
+        }
+    }
+
+    async fn fake_clamd(reply: &'static [u8]) -> Address {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            // Read until the end-of-stream marker, then answer.
+            let mut seen = Vec::new();
+            loop {
+                let n = s.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                if seen.ends_with(&[0, 0, 0, 0]) {
+                    break;
+                }
+            }
+            s.write_all(reply).await.unwrap();
+        });
+        Address::Tcp(addr.to_string())
+    }
+
+    #[tokio::test]
+    async fn malformed_reply_is_a_protocol_error() {
+        let addr = fake_clamd(b"stream: maybe\0").await;
+        let conn = Connection::connect(&addr, Timeouts::default()).await.unwrap();
+        let err = conn.scan_bytes(b"hello").await.unwrap_err();
+        assert!(matches!(err, Error::Protocol(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_clamd_that_never_answers_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = Address::Tcp(listener.local_addr().unwrap().to_string());
+        let _hold = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(s);
+        });
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(1),
+            io: Duration::from_millis(200),
+            reply: Duration::from_millis(300),
+        };
+        let conn = Connection::connect(&addr, timeouts).await.unwrap();
+        let started = std::time::Instant::now();
+        let err = conn.scan_bytes(b"hello").await.unwrap_err();
+        assert!(err.is_timeout(), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn connection_refused_is_a_connect_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = Address::Tcp(listener.local_addr().unwrap().to_string());
+        drop(listener);
+        let err = Connection::connect(&addr, Timeouts::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    }
+}

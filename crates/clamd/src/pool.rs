@@ -1,0 +1,452 @@
+//! Several clamd backends: health, least-busy choice, per-backend limits.
+//!
+//! clamd never answers "busy", so the pool is the only thing standing
+//! between a burst of uploads and a clamd that silently stops accepting:
+//! each backend gets at most `max_concurrent` scans from us (no more than
+//! its MaxThreads), and a caller that cannot get a slot in time is told so.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use crate::conn::{Address, Connection, Error, Timeouts};
+use crate::proto::{ScanReply, Version};
+
+/// The EICAR test string, used as a readiness probe: a clamd whose database
+/// failed to load still answers PING with PONG, but cannot find this.
+pub const EICAR: &[u8] = br"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+
+/// How one backend is configured.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub address: Address,
+    /// At most this many scans at once on this backend. Keep it at or below
+    /// that clamd's MaxThreads, or requests queue inside clamd where no
+    /// timeout of ours can see them.
+    pub max_concurrent: usize,
+}
+
+/// What a health probe last saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Not probed yet.
+    Unknown,
+    /// A real scan of the test string came back FOUND.
+    Up,
+    /// The last probe or scan failed; the reason is kept for /readyz.
+    Down(String),
+}
+
+/// One clamd and what we know about it.
+#[derive(Debug)]
+pub struct Backend {
+    pub address: Address,
+    pub max_concurrent: usize,
+    slots: Arc<Semaphore>,
+    in_flight: AtomicUsize,
+    healthy: AtomicBool,
+    scans: AtomicU64,
+    failures: AtomicU64,
+    state: Mutex<BackendState>,
+}
+
+#[derive(Debug)]
+struct BackendState {
+    health: Health,
+    version: Option<Version>,
+    last_probe: Option<SystemTime>,
+    probe_signature: Option<String>,
+}
+
+/// A snapshot for status pages and metrics.
+#[derive(Debug, Clone)]
+pub struct BackendStatus {
+    pub address: String,
+    pub health: Health,
+    pub version: Option<Version>,
+    pub in_flight: usize,
+    pub max_concurrent: usize,
+    pub scans: u64,
+    pub failures: u64,
+    pub last_probe: Option<SystemTime>,
+    /// The signature name the probe matched (tells test vs. official DB).
+    pub probe_signature: Option<String>,
+}
+
+impl Backend {
+    fn new(config: BackendConfig) -> Backend {
+        let max = config.max_concurrent.max(1);
+        Backend {
+            address: config.address,
+            max_concurrent: max,
+            slots: Arc::new(Semaphore::new(max)),
+            in_flight: AtomicUsize::new(0),
+            healthy: AtomicBool::new(false),
+            scans: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            state: Mutex::new(BackendState {
+                health: Health::Unknown,
+                version: None,
+                last_probe: None,
+                probe_signature: None,
+            }),
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn status(&self) -> BackendStatus {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        BackendStatus {
+            address: self.address.to_string(),
+            health: state.health.clone(),
+            version: state.version.clone(),
+            in_flight: self.in_flight(),
+            max_concurrent: self.max_concurrent,
+            scans: self.scans.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            last_probe: state.last_probe,
+            probe_signature: state.probe_signature.clone(),
+        }
+    }
+
+    fn set_health(&self, health: Health) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let was_up = state.health == Health::Up;
+        match (&health, was_up) {
+            (Health::Up, false) => tracing::info!(backend = %self.address, "clamd backend is up"),
+            (Health::Down(why), true) => {
+                tracing::warn!(backend = %self.address, reason = %why, "clamd backend is down")
+            }
+            _ => {}
+        }
+        self.healthy
+            .store(health == Health::Up, Ordering::Release);
+        state.health = health;
+    }
+
+    /// Takes the backend out of rotation after a failed scan; the health
+    /// checker probes it back in.
+    pub fn mark_down(&self, why: &Error) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.set_health(Health::Down(why.to_string()));
+    }
+
+    /// Probes readiness with a real scan of EICAR, then asks for VERSION.
+    pub async fn probe(&self, timeouts: Timeouts) -> Result<Version, Error> {
+        let result = async {
+            let conn = Connection::connect(&self.address, timeouts).await?;
+            let reply = conn.scan_bytes(EICAR).await?;
+            let ScanReply::Found(signature) = reply else {
+                return Err(Error::Protocol(crate::proto::ParseError::Unexpected(
+                    format!("the EICAR probe was answered {reply:?}, not FOUND: is the signature database loaded?"),
+                )));
+            };
+            let version = Connection::connect(&self.address, timeouts)
+                .await?
+                .version()
+                .await?;
+            Ok((signature, version))
+        }
+        .await;
+        let now = SystemTime::now();
+        match result {
+            Ok((signature, version)) => {
+                {
+                    let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    state.version = Some(version.clone());
+                    state.last_probe = Some(now);
+                    state.probe_signature = Some(signature);
+                }
+                self.set_health(Health::Up);
+                Ok(version)
+            }
+            Err(e) => {
+                self.state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .last_probe = Some(now);
+                self.set_health(Health::Down(e.to_string()));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Why no backend could be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AcquireError {
+    #[error("no clamd backend is healthy")]
+    NoneHealthy,
+    #[error("all clamd backends are busy")]
+    Busy,
+}
+
+/// The set of backends.
+#[derive(Debug)]
+pub struct Pool {
+    backends: Vec<Arc<Backend>>,
+    released: Arc<Notify>,
+    timeouts: Timeouts,
+}
+
+impl Pool {
+    pub fn new(backends: Vec<BackendConfig>, timeouts: Timeouts) -> Arc<Pool> {
+        Arc::new(Pool {
+            backends: backends
+                .into_iter()
+                .map(|b| Arc::new(Backend::new(b)))
+                .collect(),
+            released: Arc::new(Notify::new()),
+            timeouts,
+        })
+    }
+
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
+    }
+
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    pub fn any_healthy(&self) -> bool {
+        self.backends.iter().any(|b| b.is_healthy())
+    }
+
+    /// Takes a slot on the least busy healthy backend, skipping those in
+    /// `exclude` (backends that already failed this request). Waits up to
+    /// `wait` for a slot when all are busy.
+    pub async fn acquire(&self, wait: Duration, exclude: &[usize]) -> Result<Lease, AcquireError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            // Register for wake-ups before looking, so a release between
+            // the look and the wait is not missed.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+
+            let mut candidates: Vec<(usize, &Arc<Backend>)> = self
+                .backends
+                .iter()
+                .enumerate()
+                .filter(|(i, b)| b.is_healthy() && !exclude.contains(i))
+                .collect();
+            if candidates.is_empty() {
+                return Err(AcquireError::NoneHealthy);
+            }
+            // Least busy relative to its capacity first.
+            candidates.sort_by_key(|(_, b)| (b.in_flight() * 1000) / b.max_concurrent);
+            for (index, backend) in candidates {
+                if let Ok(permit) = backend.slots.clone().try_acquire_owned() {
+                    backend.in_flight.fetch_add(1, Ordering::Relaxed);
+                    backend.scans.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Lease {
+                        index,
+                        backend: backend.clone(),
+                        released: self.released.clone(),
+                        _permit: permit,
+                    });
+                }
+            }
+            if tokio::time::timeout_at(deadline.into(), released)
+                .await
+                .is_err()
+            {
+                return Err(AcquireError::Busy);
+            }
+        }
+    }
+
+    /// Probes every backend once, concurrently.
+    pub async fn probe_all(&self) {
+        let probes = self.backends.iter().map(|b| {
+            let b = b.clone();
+            let timeouts = self.timeouts;
+            async move {
+                // A probe is a tiny scan; it must not wait a whole MaxScanTime.
+                let probe_timeouts = Timeouts {
+                    reply: timeouts.reply.min(Duration::from_secs(10)),
+                    io: timeouts.io.min(Duration::from_secs(10)),
+                    ..timeouts
+                };
+                let _ = b.probe(probe_timeouts).await;
+            }
+        });
+        futures_join_all(probes).await;
+        // Backends that came up may unblock waiters.
+        self.released.notify_waiters();
+    }
+
+    /// Probes all backends every `interval` until `stop` resolves. Down
+    /// backends are probed every `interval / 4` so they return quickly.
+    pub async fn run_health_checks<F>(self: Arc<Self>, interval: Duration, stop: F)
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        tokio::pin!(stop);
+        let fast = (interval / 4).max(Duration::from_millis(100));
+        let mut last_full = Instant::now() - interval;
+        loop {
+            if last_full.elapsed() >= interval {
+                self.probe_all().await;
+                last_full = Instant::now();
+            } else {
+                let down: Vec<_> = self
+                    .backends
+                    .iter()
+                    .filter(|b| !b.is_healthy())
+                    .cloned()
+                    .collect();
+                if !down.is_empty() {
+                    let timeouts = self.timeouts;
+                    futures_join_all(down.into_iter().map(|b| async move {
+                        let _ = b
+                            .probe(Timeouts {
+                                reply: timeouts.reply.min(Duration::from_secs(10)),
+                                io: timeouts.io.min(Duration::from_secs(10)),
+                                ..timeouts
+                            })
+                            .await;
+                    }))
+                    .await;
+                    self.released.notify_waiters();
+                }
+            }
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(fast) => {}
+            }
+        }
+    }
+}
+
+/// Runs futures concurrently on the current task (a tiny join_all, to keep
+/// this crate free of a futures dependency).
+async fn futures_join_all<I, F>(futs: I)
+where
+    I: IntoIterator<Item = F>,
+    F: std::future::Future<Output = ()>,
+{
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    std::future::poll_fn(|cx| {
+        set.retain_mut(|f| f.as_mut().poll(cx).is_pending());
+        if set.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+/// A slot on one backend, held for the length of one scan.
+#[derive(Debug)]
+pub struct Lease {
+    index: usize,
+    backend: Arc<Backend>,
+    released: Arc<Notify>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    /// The backend's position in the pool (to exclude it on a retry).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+
+    pub async fn connect(&self, timeouts: Timeouts) -> Result<Connection, Error> {
+        Connection::connect(&self.backend.address, timeouts).await
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // The permit is released right after this; waiters re-check then.
+        self.released.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool_of(n: usize, max: usize) -> Arc<Pool> {
+        let configs = (0..n)
+            .map(|i| BackendConfig {
+                address: Address::Tcp(format!("127.0.0.1:{}", 1 + i)),
+                max_concurrent: max,
+            })
+            .collect();
+        Pool::new(configs, Timeouts::default())
+    }
+
+    #[tokio::test]
+    async fn no_healthy_backend_fails_at_once() {
+        let pool = pool_of(2, 1);
+        let err = pool
+            .acquire(Duration::from_secs(10), &[])
+            .await
+            .unwrap_err();
+        assert_eq!(err, AcquireError::NoneHealthy);
+    }
+
+    #[tokio::test]
+    async fn least_busy_healthy_backend_is_chosen_and_limits_hold() {
+        let pool = pool_of(2, 2);
+        for b in pool.backends() {
+            b.set_health(Health::Up);
+        }
+        let a = pool.acquire(Duration::ZERO, &[]).await.unwrap();
+        let b = pool.acquire(Duration::ZERO, &[]).await.unwrap();
+        assert_ne!(a.index(), b.index(), "spread over both backends");
+        let c = pool.acquire(Duration::ZERO, &[]).await.unwrap();
+        let d = pool.acquire(Duration::ZERO, &[]).await.unwrap();
+        assert_eq!(
+            pool.acquire(Duration::from_millis(50), &[]).await.unwrap_err(),
+            AcquireError::Busy
+        );
+        // Releasing one slot wakes a waiter.
+        let waiter = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(Duration::from_secs(5), &[]).await.map(|l| l.index()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let freed = c.index();
+        drop(c);
+        assert_eq!(waiter.await.unwrap().unwrap(), freed);
+        drop((a, b, d));
+    }
+
+    #[tokio::test]
+    async fn excluded_and_down_backends_are_skipped() {
+        let pool = pool_of(3, 1);
+        pool.backends()[0].set_health(Health::Up);
+        pool.backends()[2].set_health(Health::Up);
+        let lease = pool.acquire(Duration::ZERO, &[0]).await.unwrap();
+        assert_eq!(lease.index(), 2);
+        pool.backends()[2].mark_down(&Error::Closed);
+        drop(lease);
+        assert_eq!(
+            pool.acquire(Duration::ZERO, &[0]).await.unwrap_err(),
+            AcquireError::NoneHealthy
+        );
+    }
+}
