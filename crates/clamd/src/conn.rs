@@ -402,7 +402,9 @@ mod tests {
     #[tokio::test]
     async fn malformed_reply_is_a_protocol_error() {
         let addr = fake_clamd(b"stream: maybe\0").await;
-        let conn = Connection::connect(&addr, Timeouts::default()).await.unwrap();
+        let conn = Connection::connect(&addr, Timeouts::default())
+            .await
+            .unwrap();
         let err = conn.scan_bytes(b"hello").await.unwrap_err();
         assert!(matches!(err, Error::Protocol(_)), "{err:?}");
     }

@@ -128,8 +128,7 @@ impl Backend {
             }
             _ => {}
         }
-        self.healthy
-            .store(health == Health::Up, Ordering::Release);
+        self.healthy.store(health == Health::Up, Ordering::Release);
         state.health = health;
     }
 
@@ -420,13 +419,19 @@ mod tests {
         let c = pool.acquire(Duration::ZERO, &[]).await.unwrap();
         let d = pool.acquire(Duration::ZERO, &[]).await.unwrap();
         assert_eq!(
-            pool.acquire(Duration::from_millis(50), &[]).await.unwrap_err(),
+            pool.acquire(Duration::from_millis(50), &[])
+                .await
+                .unwrap_err(),
             AcquireError::Busy
         );
         // Releasing one slot wakes a waiter.
         let waiter = {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.acquire(Duration::from_secs(5), &[]).await.map(|l| l.index()) })
+            tokio::spawn(async move {
+                pool.acquire(Duration::from_secs(5), &[])
+                    .await
+                    .map(|l| l.index())
+            })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         let freed = c.index();

@@ -238,9 +238,9 @@ impl Stats {
 pub fn parse_pong(reply: &[u8]) -> Result<(), ParseError> {
     match reply.strip_suffix(b"\n").unwrap_or(reply) {
         b"PONG" => Ok(()),
-        other => Err(ParseError::Unexpected(truncate(
-            &String::from_utf8_lossy(other),
-        ))),
+        other => Err(ParseError::Unexpected(truncate(&String::from_utf8_lossy(
+            other,
+        )))),
     }
 }
 
@@ -248,9 +248,9 @@ pub fn parse_pong(reply: &[u8]) -> Result<(), ParseError> {
 pub fn parse_reloading(reply: &[u8]) -> Result<(), ParseError> {
     match reply.strip_suffix(b"\n").unwrap_or(reply) {
         b"RELOADING" => Ok(()),
-        other => Err(ParseError::Unexpected(truncate(
-            &String::from_utf8_lossy(other),
-        ))),
+        other => Err(ParseError::Unexpected(truncate(&String::from_utf8_lossy(
+            other,
+        )))),
     }
 }
 
@@ -337,10 +337,7 @@ mod tests {
             ScanReply::SizeLimitExceeded
         );
         // Newline-terminated (n-mode) replies are tolerated.
-        assert_eq!(
-            ScanReply::parse(b"stream: OK\n").unwrap(),
-            ScanReply::Clean
-        );
+        assert_eq!(ScanReply::parse(b"stream: OK\n").unwrap(), ScanReply::Clean);
     }
 
     #[test]

@@ -1,0 +1,107 @@
+//! The command line: `avgate serve` and friends.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{ByteSize, Config, LogFormat, Overrides};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "avgate",
+    version,
+    about = "A streaming malware-scanning gateway in front of ClamAV's clamd"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway. Without --clamd, avgate starts and supervises its own clamd.
+    Serve(ServeArgs),
+    /// Print the effective configuration check result and exit (0 when valid).
+    CheckConfig(ServeArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (unknown keys are rejected).
+    #[arg(long, short = 'c', env = "AVGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, env = "AVGATE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// An external clamd: tcp://HOST:PORT or unix:/PATH. Repeat for several
+    /// (comma-separated in AVGATE_CLAMD). None: avgate runs its own.
+    #[arg(
+        long = "clamd",
+        env = "AVGATE_CLAMD",
+        value_name = "URL",
+        value_delimiter = ','
+    )]
+    pub clamd: Vec<String>,
+    /// Largest file accepted, e.g. 150MiB [default: 150MiB].
+    #[arg(long, env = "AVGATE_MAX_SIZE", value_name = "SIZE", value_parser = parse_size)]
+    pub max_size: Option<ByteSize>,
+    /// State directory [default: ~/.local/share/avgate].
+    #[arg(long, env = "AVGATE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log format [default: auto: JSON unless stdout is a terminal].
+    #[arg(long, env = "AVGATE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormatArg>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormatArg {
+    Auto,
+    Json,
+    Text,
+}
+
+fn parse_size(s: &str) -> Result<ByteSize, String> {
+    s.parse()
+}
+
+impl ServeArgs {
+    pub fn load(&self) -> Result<Config, crate::config::ConfigError> {
+        let overrides = Overrides {
+            listen: self.listen,
+            clamd: self.clamd.clone(),
+            max_size: self.max_size,
+            data_dir: self.data_dir.clone(),
+            log_format: self.log_format.map(|f| match f {
+                LogFormatArg::Auto => LogFormat::Auto,
+                LogFormatArg::Json => LogFormat::Json,
+                LogFormatArg::Text => LogFormat::Text,
+            }),
+        };
+        Config::load(self.config.as_deref(), std::env::vars(), &overrides)
+    }
+}
+
+/// Sets up logging: JSON lines for machines, text for a terminal.
+/// `AVGATE_LOG` takes an env-filter (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AVGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stdout().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        builder.init();
+    }
+}

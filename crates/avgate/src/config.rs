@@ -1,0 +1,556 @@
+//! Typed, strict, layered configuration.
+//!
+//! Layers, lowest first: built-in defaults, the TOML file (`--config`),
+//! environment variables (`AVGATE_KEY`, `AVGATE_SECTION__KEY`), command-line
+//! flags. Every layer is merged as TOML values and deserialized once with
+//! `deny_unknown_fields`, so a typo in any layer is an error at start-up,
+//! not a silently ignored setting.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Environment variables that are not configuration keys.
+const ENV_NOT_KEYS: &[&str] = &["AVGATE_CONFIG", "AVGATE_LOG"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the public HTTP listener.
+    pub listen: SocketAddr,
+    /// Where avgate keeps its state (the managed clamd's config, socket and
+    /// test database).
+    pub data_dir: PathBuf,
+    /// Largest file accepted, per file.
+    pub max_size: ByteSize,
+    /// Most files in one batch request.
+    pub max_files_per_request: usize,
+    /// Most multipart parts of any kind in one request.
+    pub max_parts: usize,
+    /// Largest multipart part that is not a file (form fields).
+    pub max_field_size: ByteSize,
+    /// Uploads scanned at once; past this, requests get 503 at once.
+    pub max_concurrent_scans: usize,
+    /// Open client connections; past this, new ones wait in the kernel.
+    pub max_connections: usize,
+    /// Bytes of each upload kept so that a scan can be replayed on another
+    /// backend if its clamd dies mid-stream. Larger uploads are answered
+    /// 503 in that case instead.
+    pub replay_buffer: ByteSize,
+    /// Time to read a request's headers.
+    pub header_timeout: Humantime,
+    /// How long SIGTERM waits for in-flight scans.
+    pub shutdown_timeout: Humantime,
+    /// `auto` (JSON unless stdout is a terminal), `json` or `text`.
+    pub log_format: LogFormat,
+    pub clamd: ClamdConfig,
+    pub managed: ManagedConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClamdConfig {
+    /// External clamd daemons (`tcp://HOST:PORT`, `unix:/PATH`). Empty: avgate
+    /// starts and supervises its own clamd.
+    pub backends: Vec<String>,
+    /// Scans at once per backend: keep at or below that clamd's MaxThreads.
+    pub max_concurrent_per_backend: usize,
+    pub connect_timeout: Humantime,
+    /// Longest pause while streaming to clamd.
+    pub io_timeout: Humantime,
+    /// Longest wait for clamd's verdict after the last byte.
+    pub scan_timeout: Humantime,
+    /// Longest wait for a free backend slot before answering 503.
+    pub queue_timeout: Humantime,
+    /// How often backends are probed (down ones four times as often).
+    pub health_interval: Humantime,
+    /// StreamMaxLength of the external backends, when known: larger files
+    /// are reported unscannable without being sent.
+    pub stream_max_length: Option<ByteSize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagedConfig {
+    /// The clamd executable; found on PATH or in /usr/sbin when unset.
+    pub clamd_path: Option<PathBuf>,
+    /// Signature database; unset: /var/lib/clamav when it holds signatures,
+    /// else the built-in test signatures.
+    pub database_dir: Option<PathBuf>,
+    /// clamd's MaxThreads (and our concurrency limit for it).
+    pub max_threads: usize,
+    /// clamd's DisableCache: caching clean results by hash is a big win in
+    /// production and a distortion in benchmarks.
+    pub disable_cache: bool,
+    /// Longest back-off between restarts of a crashing clamd.
+    pub restart_backoff_max: Humantime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Text,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: default_data_dir(),
+            max_size: ByteSize(150 * 1024 * 1024),
+            max_files_per_request: 16,
+            max_parts: 32,
+            max_field_size: ByteSize(64 * 1024),
+            max_concurrent_scans: 128,
+            max_connections: 1024,
+            replay_buffer: ByteSize(1024 * 1024),
+            header_timeout: Humantime(Duration::from_secs(10)),
+            shutdown_timeout: Humantime(Duration::from_secs(30)),
+            log_format: LogFormat::Auto,
+            clamd: ClamdConfig::default(),
+            managed: ManagedConfig::default(),
+        }
+    }
+}
+
+impl Default for ClamdConfig {
+    fn default() -> Self {
+        ClamdConfig {
+            backends: Vec::new(),
+            max_concurrent_per_backend: 8,
+            connect_timeout: Humantime(Duration::from_secs(2)),
+            io_timeout: Humantime(Duration::from_secs(30)),
+            scan_timeout: Humantime(Duration::from_secs(130)),
+            queue_timeout: Humantime(Duration::from_secs(10)),
+            health_interval: Humantime(Duration::from_secs(5)),
+            stream_max_length: None,
+        }
+    }
+}
+
+impl Default for ManagedConfig {
+    fn default() -> Self {
+        ManagedConfig {
+            clamd_path: None,
+            database_dir: None,
+            max_threads: 8,
+            disable_cache: false,
+            restart_backoff_max: Humantime(Duration::from_secs(30)),
+        }
+    }
+}
+
+fn default_data_dir() -> PathBuf {
+    match std::env::var_os("HOME") {
+        Some(home) if !home.is_empty() => Path::new(&home).join(".local/share/avgate"),
+        _ => PathBuf::from("/var/lib/avgate"),
+    }
+}
+
+/// Values given on the command line (and through their own `AVGATE_*`
+/// variables, which clap reads): the top layer.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub clamd: Vec<String>,
+    pub max_size: Option<ByteSize>,
+    pub data_dir: Option<PathBuf>,
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+impl Config {
+    /// Loads the configuration from all layers.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut table = toml::Table::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            warn_if_world_writable(path);
+            table = text
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::Invalid {
+                    origin: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+        }
+        for (key, value) in env {
+            let Some(name) = key.strip_prefix("AVGATE_") else {
+                continue;
+            };
+            if ENV_NOT_KEYS.contains(&key.as_str()) || flag_env(&key) {
+                continue;
+            }
+            let path: Vec<String> = name.split("__").map(|p| p.to_ascii_lowercase()).collect();
+            set_path(&mut table, &path, env_value(&value)).map_err(|message| {
+                ConfigError::Invalid {
+                    origin: format!("environment variable {key}"),
+                    message,
+                }
+            })?;
+        }
+        overrides.apply(&mut table);
+        let config: Config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Invalid {
+                origin: "configuration".into(),
+                message: e.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            origin: "configuration".into(),
+            message,
+        };
+        for backend in &self.clamd.backends {
+            backend.parse::<clamd::Address>().map_err(invalid)?;
+        }
+        if self.max_size.0 == 0 {
+            return Err(invalid("max_size must be above 0".into()));
+        }
+        for (name, value) in [
+            ("max_files_per_request", self.max_files_per_request),
+            ("max_parts", self.max_parts),
+            ("max_concurrent_scans", self.max_concurrent_scans),
+            ("max_connections", self.max_connections),
+            (
+                "clamd.max_concurrent_per_backend",
+                self.clamd.max_concurrent_per_backend,
+            ),
+            ("managed.max_threads", self.managed.max_threads),
+        ] {
+            if value == 0 {
+                return Err(invalid(format!("{name} must be above 0")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The external backends, parsed. Empty means managed mode.
+    pub fn backends(&self) -> Vec<clamd::Address> {
+        self.clamd
+            .backends
+            .iter()
+            .filter_map(|b| b.parse().ok()) // validated in load()
+            .collect()
+    }
+}
+
+impl Overrides {
+    fn apply(&self, table: &mut toml::Table) {
+        use toml::Value;
+        if let Some(listen) = self.listen {
+            table.insert("listen".into(), Value::String(listen.to_string()));
+        }
+        if !self.clamd.is_empty() {
+            let clamd = table
+                .entry("clamd")
+                .or_insert_with(|| Value::Table(Default::default()));
+            if let Value::Table(clamd) = clamd {
+                clamd.insert(
+                    "backends".into(),
+                    Value::Array(self.clamd.iter().cloned().map(Value::String).collect()),
+                );
+            }
+        }
+        if let Some(size) = self.max_size {
+            table.insert("max_size".into(), Value::Integer(size.0 as i64));
+        }
+        if let Some(dir) = &self.data_dir {
+            table.insert("data_dir".into(), Value::String(dir.display().to_string()));
+        }
+        if let Some(format) = self.log_format {
+            let name = match format {
+                LogFormat::Auto => "auto",
+                LogFormat::Json => "json",
+                LogFormat::Text => "text",
+            };
+            table.insert("log_format".into(), Value::String(name.into()));
+        }
+    }
+}
+
+/// The variables that back command-line flags; clap reads those, so the
+/// generic environment layer must not read them a second time.
+fn flag_env(key: &str) -> bool {
+    matches!(
+        key,
+        "AVGATE_LISTEN"
+            | "AVGATE_CLAMD"
+            | "AVGATE_MAX_SIZE"
+            | "AVGATE_DATA_DIR"
+            | "AVGATE_LOG_FORMAT"
+    )
+}
+
+/// An environment value as TOML: numbers, booleans and arrays keep their
+/// type (`AVGATE_MAX_PARTS=8`, `AVGATE_CLAMD__BACKENDS='["unix:/a"]'`);
+/// anything else is a string.
+fn env_value(raw: &str) -> toml::Value {
+    let parsed = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    parsed.unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    match path {
+        [] => Err("empty key".into()),
+        [key] => {
+            table.insert(key.clone(), value);
+            Ok(())
+        }
+        [section, rest @ ..] => {
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+            match entry {
+                toml::Value::Table(inner) => set_path(inner, rest, value),
+                _ => Err(format!("{section} is not a section")),
+            }
+        }
+    }
+}
+
+fn warn_if_world_writable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o002 != 0 {
+            tracing::warn!(path = %path.display(), "the configuration file is world-writable");
+        }
+    }
+}
+
+/// A size: an integer number of bytes or a string like `150MiB`, `25M`,
+/// `64KiB`, `1G`. K/M/G are binary (1024) multiples, as in clamd.conf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let number: u64 = number
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (examples: 150MiB, 25M, 1048576)"))?;
+        let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            _ => return Err(format!("{s:?}: unknown size unit {unit:?} (use K, M or G)")),
+        };
+        number
+            .checked_mul(multiplier)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        if n >= 1 << 30 && n % (1 << 30) == 0 {
+            write!(f, "{}GiB", n >> 30)
+        } else if n >= 1 << 20 && n % (1 << 20) == 0 {
+            write!(f, "{}MiB", n >> 20)
+        } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+            write!(f, "{}KiB", n >> 10)
+        } else {
+            write!(f, "{n}")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration written as `500ms`, `30s`, `5m`, `1h` (or a number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Humantime(pub Duration);
+
+impl FromStr for Humantime {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (number, unit) = s.split_at(split);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 30s, 5m)"))?;
+        let d = match unit.trim() {
+            "ms" => Duration::from_millis(n),
+            "" | "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86400),
+            other => {
+                return Err(format!(
+                    "{s:?}: unknown unit {other:?} (use ms, s, m, h, d)"
+                ))
+            }
+        };
+        Ok(Humantime(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for Humantime {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Humantime(Duration::from_secs(n))),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_safe() {
+        let c = Config::load(None, vec![], &Overrides::default()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.max_size.0, 150 * 1024 * 1024);
+        assert!(c.clamd.backends.is_empty(), "managed clamd by default");
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../avgate.example.toml");
+        let c = Config::load(Some(&path), vec![], &Overrides::default()).unwrap();
+        assert_eq!(c.max_size, ByteSize(150 << 20));
+    }
+
+    #[test]
+    fn precedence_is_flags_then_env_then_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("avgate.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1\"\nmax_parts = 3\n[clamd]\nscan_timeout = \"9s\"\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("AVGATE_MAX_PARTS", "5"),
+                ("AVGATE_CLAMD__SCAN_TIMEOUT", "7s"),
+                ("OTHER", "x"),
+            ]),
+            &Overrides {
+                listen: Some("127.0.0.1:2".parse().unwrap()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 2, "flag beats file");
+        assert_eq!(c.max_parts, 5, "env beats file");
+        assert_eq!(c.clamd.scan_timeout.0, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_in_every_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("avgate.toml");
+        std::fs::write(&file, "max_sise = \"1M\"\n").unwrap();
+        let err = Config::load(Some(&file), vec![], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("max_sise"), "{err}");
+        let err = Config::load(
+            None,
+            env(&[("AVGATE_CLAMD__TIMEOUTT", "1s")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("timeoutt"), "{err}");
+    }
+
+    #[test]
+    fn bad_backend_addresses_are_rejected() {
+        let err = Config::load(
+            None,
+            vec![],
+            &Overrides {
+                clamd: vec!["localhost:3310".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("tcp://"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!("150MiB".parse::<ByteSize>().unwrap().0, 150 << 20);
+        assert_eq!("25M".parse::<ByteSize>().unwrap().0, 25 << 20);
+        assert_eq!("1048576".parse::<ByteSize>().unwrap().0, 1 << 20);
+        assert_eq!("2 GiB".parse::<ByteSize>().unwrap().0, 2 << 30);
+        assert!("12X".parse::<ByteSize>().is_err());
+        assert!("M".parse::<ByteSize>().is_err());
+        assert!("99999999999999G".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(150 << 20).to_string(), "150MiB");
+        assert_eq!(
+            "500ms".parse::<Humantime>().unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            "2m".parse::<Humantime>().unwrap().0,
+            Duration::from_secs(120)
+        );
+        assert!("2 weeks".parse::<Humantime>().is_err());
+    }
+}

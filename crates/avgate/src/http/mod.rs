@@ -1,0 +1,97 @@
+//! The HTTP surface: router, shared state, the connection loop.
+
+pub mod error;
+pub mod health;
+pub mod scan;
+pub mod server;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use clamd::Pool;
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::managed::{DatabaseKind, ManagedClamd};
+use crate::scan::Engine;
+use error::ApiError;
+
+/// The limits the handlers enforce.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_size: u64,
+    pub max_files: usize,
+    pub max_parts: usize,
+    pub max_field_size: u64,
+}
+
+/// Everything a handler may need; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub engines: Arc<[Arc<dyn Engine>]>,
+    pub pool: Arc<Pool>,
+    pub managed: Option<Arc<ManagedClamd>>,
+    pub database: DatabaseKind,
+    pub limits: Arc<Limits>,
+    pub scan_slots: Arc<Semaphore>,
+}
+
+/// The client's address, set by the connection loop.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/scan", post(scan::scan_one))
+        .route("/scan", post(scan::scan_one))
+        .route("/v1/scan/batch", post(scan::scan_batch))
+        .route("/v1/scan/raw", post(scan::scan_raw))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/version", get(health::version))
+        .route("/v1/version", get(health::version))
+        .fallback(|| async { ApiError::not_found() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .with_state(state)
+        .layer(middleware::from_fn(request_context))
+}
+
+/// Gives each request an id (returned as `X-Request-Id`) and logs it once
+/// it is answered, by matched route rather than raw path.
+async fn request_context(request: Request, next: Next) -> Response {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let started = Instant::now();
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let client = request
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    let span = tracing::info_span!("request", request_id = %id, client = %client);
+    let mut response = next.run(request).instrument(span.clone()).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    let status = response.status().as_u16();
+    span.in_scope(|| {
+        tracing::info!(
+            method = %method,
+            route = %route,
+            status,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+    });
+    response
+}

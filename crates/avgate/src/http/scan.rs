@@ -1,0 +1,376 @@
+//! `POST /v1/scan`, `/v1/scan/batch`, `/v1/scan/raw`: thin translations
+//! from HTTP bodies to [`crate::scan::pipeline::scan`].
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::{StreamExt, TryStreamExt};
+use multer::{Constraints, Multipart, SizeLimit};
+use serde::Serialize;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::scan::filename;
+use crate::scan::pipeline::{self, BodyError, ScanResult};
+use crate::scan::verdict::Status;
+
+/// Room for multipart boundaries and part headers on top of the files.
+const MULTIPART_OVERHEAD: u64 = 64 * 1024;
+
+/// `POST /v1/scan`: one multipart part named `file`.
+pub async fn scan_one(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let max = state.limits.max_size;
+    let mut form = Form::open(&state, request, 1)?;
+    let mut result: Option<ScanResult> = None;
+    while let Some(part) = form.next_part().await? {
+        match part {
+            Part::File(field) => {
+                if result.is_some() {
+                    return Err(ApiError::bad_request(
+                        "too_many_files",
+                        "POST /v1/scan takes one part named \"file\"; use /v1/scan/batch for several",
+                    ));
+                }
+                let name = field.file_name().and_then(filename::sanitize);
+                let scanned =
+                    pipeline::scan(&state.engines, name.clone(), field_stream(field), None, max)
+                        .await
+                        .map_err(|e| ApiError::from(e).with_filename(name))?;
+                log_result(&scanned);
+                result = Some(scanned);
+            }
+            Part::Other => {}
+        }
+    }
+    let result = result.ok_or_else(missing_file)?;
+    Ok(Json(result).into_response())
+}
+
+/// The answer to a batch: the worst status of all files, and each result.
+#[derive(Serialize)]
+struct BatchResult {
+    status: Status,
+    results: Vec<ScanResult>,
+}
+
+/// `POST /v1/scan/batch`: any number (up to the limit) of parts named
+/// `file`, scanned one after the other.
+pub async fn scan_batch(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let max = state.limits.max_size;
+    let max_files = state.limits.max_files;
+    let mut form = Form::open(&state, request, max_files as u64)?;
+    let mut results: Vec<ScanResult> = Vec::new();
+    let partial = |results: &Vec<ScanResult>| serde_json::to_value(results).unwrap_or_default();
+    loop {
+        let part = match form.next_part().await {
+            Ok(Some(part)) => part,
+            Ok(None) => break,
+            Err(e) => return Err(e.with_extra("results", partial(&results))),
+        };
+        let Part::File(field) = part else { continue };
+        if results.len() >= max_files {
+            return Err(ApiError::bad_request(
+                "too_many_files",
+                format!("at most {max_files} files per request"),
+            )
+            .with_extra("results", partial(&results)));
+        }
+        let name = field.file_name().and_then(filename::sanitize);
+        match pipeline::scan(&state.engines, name.clone(), field_stream(field), None, max).await {
+            Ok(scanned) => {
+                log_result(&scanned);
+                results.push(scanned);
+            }
+            Err(e) => {
+                return Err(ApiError::from(e)
+                    .with_filename(name)
+                    .with_extra("results", partial(&results)))
+            }
+        }
+    }
+    if results.is_empty() {
+        return Err(missing_file());
+    }
+    let status = if results.iter().any(|r| r.verdict.status != Status::OK) {
+        Status::FOUND
+    } else {
+        Status::OK
+    };
+    Ok(Json(BatchResult { status, results }).into_response())
+}
+
+/// `POST /v1/scan/raw`: the body is the file; the name comes from the
+/// `X-Filename` header or the `filename` query parameter.
+pub async fn scan_raw(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let max = state.limits.max_size;
+    let headers = request.headers();
+    match content_type(headers) {
+        None => {}
+        Some(ct) if ct == "application/octet-stream" => {}
+        Some(ct) => {
+            return Err(ApiError::bad_request(
+                "invalid_content_type",
+                format!("expected Content-Type: application/octet-stream, got {ct:?} (multipart uploads go to POST /v1/scan)"),
+            ))
+        }
+    }
+    let length = content_length(headers);
+    if length.is_some_and(|n| n > max) {
+        return Err(ApiError::too_large(max));
+    }
+    let raw_name = headers
+        .get("x-filename")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| query_param(request.uri().query(), "filename"));
+    let name = raw_name.as_deref().and_then(filename::sanitize);
+    let _slot = scan_slot(&state)?;
+    let body = request
+        .into_body()
+        .into_data_stream()
+        .map_err(|e| BodyError::Malformed(e.to_string()));
+    let scanned = pipeline::scan(&state.engines, name.clone(), body, length, max)
+        .await
+        .map_err(|e| ApiError::from(e).with_filename(name))?;
+    log_result(&scanned);
+    Ok(Json(scanned).into_response())
+}
+
+fn log_result(r: &ScanResult) {
+    tracing::info!(
+        filename = r.filename.as_deref().unwrap_or(""),
+        size = r.size,
+        sha256 = %r.sha256,
+        status = ?r.verdict.status,
+        verdict = ?r.verdict.verdict,
+        signature = r.verdict.signature.as_deref().unwrap_or(""),
+        backend = %r.engine.backend,
+        duration_ms = r.duration_ms,
+        "scanned"
+    );
+}
+
+fn missing_file() -> ApiError {
+    ApiError::bad_request(
+        "missing_file",
+        "no part named \"file\" in the form (curl -F \"file=@path\")",
+    )
+}
+
+/// A slot among `max_concurrent_scans`. Past the limit we shed load at
+/// once rather than queue without bound.
+fn scan_slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
+    state
+        .scan_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::server_busy())
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+        .map(|ct| ct.split(';').next().unwrap_or("").trim().to_owned())
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    url_decode_pairs(query?)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+}
+
+fn url_decode_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            Some((percent_decode(k)?, percent_decode(v)?))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// A multipart form being read, with every limit in place.
+struct Form {
+    multipart: Multipart<'static>,
+    parts: usize,
+    max_parts: usize,
+    _slot: OwnedSemaphorePermit,
+}
+
+enum Part {
+    File(multer::Field<'static>),
+    /// Any other part; already drained.
+    Other,
+}
+
+impl Form {
+    fn open(state: &AppState, request: Request, max_files: u64) -> Result<Form, ApiError> {
+        let limits = &state.limits;
+        let headers = request.headers();
+        let Some(ct) = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return Err(ApiError::bad_request(
+                "invalid_content_type",
+                "expected Content-Type: multipart/form-data with a part named \"file\" (or POST the bytes to /v1/scan/raw)",
+            ));
+        };
+        let boundary = multer::parse_boundary(ct).map_err(|_| {
+            ApiError::bad_request(
+                "invalid_content_type",
+                format!("expected Content-Type: multipart/form-data with a boundary, got {ct:?} (raw bodies go to POST /v1/scan/raw)"),
+            )
+        })?;
+        let max_body = limits
+            .max_size
+            .saturating_mul(max_files)
+            .saturating_add(limits.max_parts as u64 * limits.max_field_size)
+            .saturating_add(MULTIPART_OVERHEAD);
+        if content_length(headers).is_some_and(|n| n > max_body) {
+            return Err(if max_files == 1 {
+                ApiError::too_large(limits.max_size)
+            } else {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request_too_large",
+                    format!("the request is larger than the limit of {max_body} bytes"),
+                )
+            });
+        }
+        let slot = scan_slot(state)?;
+        let constraints = Constraints::new().size_limit(
+            SizeLimit::new()
+                .whole_stream(max_body)
+                .per_field(limits.max_field_size)
+                // Our own counter answers 413 for the file; this only keeps
+                // multer from refusing first.
+                .for_field("file", limits.max_size + 1),
+        );
+        let body: Body = request.into_body();
+        let multipart = Multipart::with_constraints(body.into_data_stream(), boundary, constraints);
+        Ok(Form {
+            multipart,
+            parts: 0,
+            max_parts: limits.max_parts,
+            _slot: slot,
+        })
+    }
+
+    async fn next_part(&mut self) -> Result<Option<Part>, ApiError> {
+        let Some(mut field) = self.multipart.next_field().await.map_err(multipart_error)? else {
+            return Ok(None);
+        };
+        self.parts += 1;
+        if self.parts > self.max_parts {
+            return Err(ApiError::bad_request(
+                "too_many_parts",
+                format!("at most {} parts per request", self.max_parts),
+            ));
+        }
+        if field.name() == Some("file") {
+            return Ok(Some(Part::File(field)));
+        }
+        // Other form fields are read and dropped (bounded by max_field_size).
+        while field.chunk().await.map_err(multipart_error)?.is_some() {}
+        Ok(Some(Part::Other))
+    }
+}
+
+fn field_stream(
+    field: multer::Field<'static>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, BodyError>> {
+    field.map(|r| r.map_err(body_error))
+}
+
+fn body_error(e: multer::Error) -> BodyError {
+    match e {
+        multer::Error::FieldSizeExceeded { .. } | multer::Error::StreamSizeExceeded { .. } => {
+            BodyError::TooLarge
+        }
+        other => BodyError::Malformed(other.to_string()),
+    }
+}
+
+fn multipart_error(e: multer::Error) -> ApiError {
+    match e {
+        multer::Error::FieldSizeExceeded { .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "field_too_large",
+            "a form field is larger than the limit",
+        ),
+        multer::Error::StreamSizeExceeded { .. } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            "the request is larger than the limit",
+        ),
+        other => ApiError::bad_request(
+            "invalid_multipart",
+            format!("malformed multipart body: {other}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_are_decoded() {
+        assert_eq!(
+            query_param(Some("a=1&filename=my%20file.pdf"), "filename").as_deref(),
+            Some("my file.pdf")
+        );
+        assert_eq!(
+            query_param(Some("filename=a+b"), "filename").as_deref(),
+            Some("a b")
+        );
+        assert_eq!(query_param(Some("x=1"), "filename"), None);
+        assert_eq!(query_param(Some("filename=%zz"), "filename"), None);
+    }
+}

@@ -1,0 +1,125 @@
+//! The upload pipeline: body chunks -> sha256 + size + engines -> verdict.
+//!
+//! Nothing here holds the whole file. Chunks are coalesced to at least
+//! [`clamd::proto::MIN_CHUNK`] (small writes cost clamd throughput) and
+//! handed on; the only other copy is an engine's bounded replay buffer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::verdict::{self, Verdict};
+use super::{Engine, EngineError, EngineInfo, EngineScan};
+
+/// A failure to read the client's body, already classified by the caller
+/// (which knows the transport).
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the file is larger than the limit")]
+    TooLarge,
+    #[error("{0}")]
+    Malformed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("the file is larger than {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error(transparent)]
+    Body(BodyError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// The answer for one scanned file.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScanResult {
+    pub filename: Option<String>,
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    pub sha256: String,
+    pub size: u64,
+    pub duration_ms: u64,
+    pub engine: EngineInfo,
+}
+
+/// Streams `body` through every engine and decides the verdict.
+///
+/// `size_hint` is what the client declared (checked against `max_size`
+/// before anything is read); the real size is counted as bytes arrive.
+pub async fn scan<S>(
+    engines: &[Arc<dyn Engine>],
+    filename: Option<String>,
+    body: S,
+    size_hint: Option<u64>,
+    max_size: u64,
+) -> Result<ScanResult, PipelineError>
+where
+    S: Stream<Item = Result<Bytes, BodyError>>,
+{
+    if size_hint.is_some_and(|n| n > max_size) {
+        return Err(PipelineError::TooLarge { limit: max_size });
+    }
+    let started = Instant::now();
+    let mut scans: Vec<Box<dyn EngineScan>> = Vec::with_capacity(engines.len());
+    for engine in engines {
+        scans.push(engine.begin(size_hint).await?);
+    }
+
+    let mut hasher = Sha256::new();
+    let mut size: u64 = 0;
+    let mut pending = BytesMut::new();
+    futures_util::pin_mut!(body);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| match e {
+            BodyError::TooLarge => PipelineError::TooLarge { limit: max_size },
+            other => PipelineError::Body(other),
+        })?;
+        size += chunk.len() as u64;
+        if size > max_size {
+            return Err(PipelineError::TooLarge { limit: max_size });
+        }
+        hasher.update(&chunk);
+        if pending.is_empty() && chunk.len() >= clamd::proto::MIN_CHUNK {
+            feed(&mut scans, chunk).await?;
+        } else {
+            pending.extend_from_slice(&chunk);
+            if pending.len() >= clamd::proto::MIN_CHUNK {
+                feed(&mut scans, pending.split().freeze()).await?;
+            }
+        }
+    }
+    if !pending.is_empty() {
+        feed(&mut scans, pending.freeze()).await?;
+    }
+
+    let mut reports = Vec::with_capacity(scans.len());
+    for scan in scans {
+        reports.push(scan.finish().await?);
+    }
+    let verdict = verdict::decide(&reports);
+    let engine = reports
+        .into_iter()
+        .next()
+        .map(|r| r.engine)
+        .ok_or_else(|| EngineError::Unavailable("no engine is configured".into()))?;
+    Ok(ScanResult {
+        filename,
+        verdict,
+        sha256: hex::encode(hasher.finalize()),
+        size,
+        duration_ms: started.elapsed().as_millis() as u64,
+        engine,
+    })
+}
+
+async fn feed(scans: &mut [Box<dyn EngineScan>], chunk: Bytes) -> Result<(), EngineError> {
+    for scan in scans.iter_mut() {
+        scan.feed(chunk.clone()).await?;
+    }
+    Ok(())
+}
