@@ -130,7 +130,11 @@ impl From<PipelineError> for ApiError {
                 "request_too_large",
                 "the request is too large",
             ),
-            PipelineError::Body(BodyError::Malformed(msg)) => ApiError::bad_request(
+            PipelineError::Body(BodyError::Multipart(msg)) => ApiError::bad_request(
+                "invalid_multipart",
+                format!("malformed multipart body: {msg}"),
+            ),
+            PipelineError::Body(BodyError::Read(msg)) => ApiError::bad_request(
                 "invalid_body",
                 format!("the upload could not be read: {msg}"),
             ),

@@ -140,7 +140,7 @@ pub async fn scan_raw(
     let body = request
         .into_body()
         .into_data_stream()
-        .map_err(|e| BodyError::Malformed(e.to_string()));
+        .map_err(|e| BodyError::Read(e.to_string()));
     let scanned = pipeline::scan(&state.engines, name.clone(), body, length, max)
         .await
         .map_err(|e| ApiError::from(e).with_filename(name))?;
@@ -243,7 +243,7 @@ struct Form {
 }
 
 enum Part {
-    File(multer::Field<'static>),
+    File(Box<multer::Field<'static>>),
     /// Any other part; already drained.
     Other,
 }
@@ -314,7 +314,7 @@ impl Form {
             ));
         }
         if field.name() == Some("file") {
-            return Ok(Some(Part::File(field)));
+            return Ok(Some(Part::File(Box::new(field))));
         }
         // Other form fields are read and dropped (bounded by max_field_size).
         while field.chunk().await.map_err(multipart_error)?.is_some() {}
@@ -323,7 +323,7 @@ impl Form {
 }
 
 fn field_stream(
-    field: multer::Field<'static>,
+    field: Box<multer::Field<'static>>,
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, BodyError>> {
     field.map(|r| r.map_err(body_error))
 }
@@ -333,7 +333,7 @@ fn body_error(e: multer::Error) -> BodyError {
         multer::Error::FieldSizeExceeded { .. } | multer::Error::StreamSizeExceeded { .. } => {
             BodyError::TooLarge
         }
-        other => BodyError::Malformed(other.to_string()),
+        other => BodyError::Multipart(other.to_string()),
     }
 }
 

@@ -21,8 +21,12 @@ use super::{Engine, EngineError, EngineInfo, EngineScan};
 pub enum BodyError {
     #[error("the file is larger than the limit")]
     TooLarge,
+    /// The multipart framing around the file is broken (e.g. truncated).
     #[error("{0}")]
-    Malformed(String),
+    Multipart(String),
+    /// The body could not be read (client went away, bad chunked encoding).
+    #[error("{0}")]
+    Read(String),
 }
 
 #[derive(Debug, thiserror::Error)]

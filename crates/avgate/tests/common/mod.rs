@@ -1,0 +1,404 @@
+//! Test fixtures: a real clamd, an in-process avgate, hand-written fake
+//! clamds for the faults a real one cannot produce, HTTP helpers.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use avgate::config::{ByteSize, Config, Humantime, Overrides};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const EICAR: &[u8] = clamd::EICAR;
+pub const TESTFILES: &str = "/usr/share/clamav-testfiles";
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A real clamd on a Unix socket in a temporary directory, loaded with the
+/// repository's test signatures. Killed on drop.
+pub struct Clamd {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Option<Child>,
+    extra: String,
+}
+
+impl Clamd {
+    /// Starts clamd with the defaults avgate's managed mode uses, plus
+    /// `extra` clamd.conf lines (later lines override earlier ones).
+    pub fn start(extra: &str) -> Clamd {
+        let dir = tempfile::Builder::new()
+            .prefix("avg-clamd")
+            .tempdir()
+            .unwrap();
+        let db = dir.path().join("db");
+        std::fs::create_dir(&db).unwrap();
+        for f in ["avgate-test.ndb", "avgate-test.hdb"] {
+            std::fs::copy(repo_root().join("signatures").join(f), db.join(f)).unwrap();
+        }
+        let socket = dir.path().join("clamd.sock");
+        let mut clamd = Clamd {
+            socket,
+            child: None,
+            extra: extra.to_owned(),
+            dir,
+        };
+        clamd.spawn();
+        clamd
+    }
+
+    pub fn address(&self) -> String {
+        format!("unix:{}", self.socket.display())
+    }
+
+    fn conf_path(&self) -> PathBuf {
+        self.dir.path().join("clamd.conf")
+    }
+
+    fn spawn(&mut self) {
+        // clamd keeps the FIRST value of a repeated option, so the extra
+        // lines replace defaults rather than follow them.
+        let mut options: Vec<(String, String)> = [
+            ("Foreground", "yes".to_owned()),
+            ("LocalSocket", self.socket.display().to_string()),
+            (
+                "DatabaseDirectory",
+                self.dir.path().join("db").display().to_string(),
+            ),
+            ("AlertExceedsMax", "yes".into()),
+            ("AlertEncrypted", "yes".into()),
+            ("MaxThreads", "8".into()),
+            ("StreamMaxLength", "200M".into()),
+            ("MaxFileSize", "200M".into()),
+            ("MaxScanSize", "400M".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        for line in self.extra.lines().filter(|l| !l.trim().is_empty()) {
+            let (k, v) = line.trim().split_once(' ').expect("KEY VALUE");
+            options.retain(|(key, _)| key != k);
+            options.push((k.to_owned(), v.to_owned()));
+        }
+        let conf: String = options.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
+        std::fs::write(self.conf_path(), conf).unwrap();
+        let _ = std::fs::remove_file(&self.socket);
+        let child = Command::new("clamd")
+            .arg("--config-file")
+            .arg(self.conf_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("clamd must be installed (scripts/setup.sh)");
+        self.child = Some(child);
+        wait_for_clamd(&self.socket);
+    }
+
+    /// Kills clamd (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A clamdscan config that talks to this clamd.
+    pub fn clamdscan_conf(&self) -> PathBuf {
+        let path = self.dir.path().join("clamdscan.conf");
+        std::fs::write(&path, format!("LocalSocket {}\n", self.socket.display())).unwrap();
+        path
+    }
+}
+
+impl Drop for Clamd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until clamd really scans (EICAR comes back FOUND). Synchronous
+/// on purpose: fixtures are set up from inside async tests.
+fn wait_for_clamd(socket: &Path) {
+    use std::io::Read;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let probe = || -> std::io::Result<String> {
+        let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"zINSTREAM\0")?;
+        s.write_all(&(EICAR.len() as u32).to_be_bytes())?;
+        s.write_all(EICAR)?;
+        s.write_all(&[0, 0, 0, 0])?;
+        let mut reply = String::new();
+        s.read_to_string(&mut reply)?;
+        Ok(reply)
+    };
+    loop {
+        if probe().is_ok_and(|r| r.contains("FOUND")) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "clamd did not become ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A configuration for an in-process avgate on a free loopback port, with
+/// quick health probes so tests do not wait.
+pub fn config(backends: &[String]) -> Config {
+    let mut c = Config::load(None, vec![], &Overrides::default()).unwrap();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.clamd.backends = backends.to_vec();
+    c.clamd.health_interval = Humantime(Duration::from_millis(400));
+    c.data_dir = std::env::temp_dir().join("avgate-test-unused");
+    c
+}
+
+pub fn mib(n: u64) -> ByteSize {
+    ByteSize(n << 20)
+}
+
+/// avgate running in this process.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    running: Option<avgate::app::Running>,
+}
+
+impl Gateway {
+    /// Starts avgate and waits until /readyz says ready.
+    pub async fn start(config: Config) -> Gateway {
+        let gw = Gateway::start_unready(config).await;
+        gw.wait_ready(Duration::from_secs(30)).await;
+        gw
+    }
+
+    /// Starts avgate without waiting for a healthy backend.
+    pub async fn start_unready(config: Config) -> Gateway {
+        let running = avgate::app::start(config).await.expect("avgate starts");
+        Gateway {
+            addr: running.addr,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
+            running: Some(running),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn wait_ready(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(r) = self.client.get(self.url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "avgate did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// POSTs one file as multipart field `file`; returns status and JSON.
+    pub async fn scan(&self, filename: &str, data: Vec<u8>) -> (u16, serde_json::Value) {
+        let part = reqwest::multipart::Part::bytes(data).file_name(filename.to_owned());
+        let form = reqwest::multipart::Form::new().part("file", part);
+        let r = self
+            .client
+            .post(self.url("/v1/scan"))
+            .multipart(form)
+            .send()
+            .await
+            .expect("request");
+        json(r).await
+    }
+
+    /// POSTs a hand-made body with the given content type.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (u16, serde_json::Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        json(r).await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stopper().cancel();
+            running.wait().await;
+        }
+    }
+}
+
+pub async fn json(r: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = r.status().as_u16();
+    let text = r.text().await.expect("body");
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {text:?} (HTTP {status})"));
+    (status, value)
+}
+
+/// One part of a hand-made form: field name, file name, content.
+pub type FormPart<'a> = (&'a str, Option<&'a [u8]>, &'a [u8]);
+
+/// A multipart body built by hand, for shapes reqwest will not produce.
+pub fn multipart_body(boundary: &str, parts: &[FormPart]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, filename, data) in parts {
+        write!(
+            body,
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\""
+        )
+        .unwrap();
+        if let Some(f) = filename {
+            body.extend_from_slice(b"; filename=\"");
+            body.extend_from_slice(f);
+            body.extend_from_slice(b"\"");
+        }
+        body.extend_from_slice(b"\r\nContent-Type: application/octet-stream\r\n\r\n");
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    write!(body, "--{boundary}--\r\n").unwrap();
+    body
+}
+
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    // xorshift: fresh, incompressible-enough data without a rand dependency.
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(n);
+    out
+}
+
+/// How a fake clamd misbehaves on a real scan. It answers the readiness
+/// probe (EICAR) and VERSION correctly, so avgate thinks it is healthy.
+#[derive(Clone, Copy, Debug)]
+pub enum Fault {
+    /// Reads the whole stream, then never answers.
+    StallReply,
+    /// Reads the whole stream, then answers garbage.
+    Malformed,
+    /// Reads this many payload bytes, then drops the connection.
+    DieAfter(usize),
+}
+
+/// A hand-written clamd for faults a real one cannot be made to produce.
+pub struct FakeClamd {
+    pub address: String,
+    pub scans: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FakeClamd {
+    pub async fn start(fault: Fault) -> FakeClamd {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("tcp://{}", listener.local_addr().unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let scans = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (stop2, scans2) = (stop.clone(), scans.clone());
+        tokio::spawn(async move {
+            while !stop2.load(Ordering::Relaxed) {
+                let Ok((socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let scans = scans2.clone();
+                tokio::spawn(async move {
+                    let _ = fake_session(socket, fault, scans).await;
+                });
+            }
+        });
+        FakeClamd {
+            address,
+            scans,
+            stop,
+        }
+    }
+}
+
+impl Drop for FakeClamd {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn fake_session(
+    mut s: tokio::net::TcpStream,
+    fault: Fault,
+    scans: Arc<std::sync::atomic::AtomicUsize>,
+) -> std::io::Result<()> {
+    let mut cmd = Vec::new();
+    loop {
+        let b = s.read_u8().await?;
+        if b == 0 {
+            break;
+        }
+        cmd.push(b);
+    }
+    match cmd.as_slice() {
+        b"zVERSION" => s.write_all(b"ClamAV 1.4.6\0").await?,
+        b"zPING" => s.write_all(b"PONG\0").await?,
+        b"zINSTREAM" => {
+            let mut payload = Vec::new();
+            let mut total = 0usize;
+            loop {
+                let len = s.read_u32().await? as usize;
+                if len == 0 {
+                    break;
+                }
+                let mut chunk = vec![0u8; len];
+                s.read_exact(&mut chunk).await?;
+                total += len;
+                if payload.len() < 4096 {
+                    payload.extend_from_slice(&chunk[..len.min(4096)]);
+                }
+                if let Fault::DieAfter(n) = fault {
+                    if total >= n && payload != EICAR {
+                        return Ok(()); // drop the connection mid-stream
+                    }
+                }
+            }
+            if payload == EICAR {
+                s.write_all(b"stream: Eicar-Test-Signature FOUND\0").await?;
+                return Ok(());
+            }
+            scans.fetch_add(1, Ordering::Relaxed);
+            match fault {
+                Fault::StallReply => tokio::time::sleep(Duration::from_secs(3600)).await,
+                Fault::Malformed => s.write_all(b"stream: it is probably fine\0").await?,
+                Fault::DieAfter(_) => {}
+            }
+        }
+        _ => s.write_all(b"UNKNOWN COMMAND\0").await?,
+    }
+    Ok(())
+}

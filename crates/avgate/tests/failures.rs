@@ -1,0 +1,227 @@
+//! Failing engines: avgate must answer ERROR (503/504), never OK, and
+//! keep serving from the backends that still work.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use avgate::config::Humantime;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clamd_stopped_gives_503_error_then_recovers() {
+    let mut clamd = Clamd::start("");
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+    clamd.kill();
+
+    let (status, body) = gw.scan("clean.txt", b"clean".to_vec()).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "ERROR");
+    assert_eq!(body["error"]["code"], "engine_unavailable");
+    assert_eq!(body["filename"], "clean.txt");
+
+    // Retry-After tells clients when to come back.
+    let part = reqwest::multipart::Part::bytes(b"x".to_vec()).file_name("x");
+    let r = gw
+        .client
+        .post(gw.url("/v1/scan"))
+        .multipart(reqwest::multipart::Form::new().part("file", part))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+
+    let r = gw.client.get(gw.url("/readyz")).send().await.unwrap();
+    let (status, ready) = json(r).await;
+    assert_eq!(status, 503);
+    assert_eq!(ready["backends"][0]["state"], "down");
+
+    // Back up: probed back in without a restart of avgate.
+    clamd.restart();
+    gw.wait_ready(Duration::from_secs(20)).await;
+    let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("FOUND")));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_never_answers_is_never_ready() {
+    // Accepts connections and never says a word: the readiness probe times
+    // out, so avgate answers 503 at once instead of hanging.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("tcp://{}", listener.local_addr().unwrap());
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let mut cfg = config(&[addr]);
+    cfg.clamd.io_timeout = Humantime(Duration::from_millis(500));
+    cfg.clamd.scan_timeout = Humantime(Duration::from_secs(1));
+    let gw = Gateway::start_unready(cfg).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let (status, body) = gw.scan("a.txt", b"data".to_vec()).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "ERROR");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clamd_that_stalls_mid_scan_gives_504_within_the_timeout() {
+    let fake = FakeClamd::start(Fault::StallReply).await;
+    let mut cfg = config(std::slice::from_ref(&fake.address));
+    cfg.clamd.scan_timeout = Humantime(Duration::from_secs(2));
+    let gw = Gateway::start(cfg).await;
+    let started = Instant::now();
+    let (status, body) = gw.scan("a.bin", random_bytes(200_000, 1)).await;
+    let took = started.elapsed();
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["status"], "ERROR");
+    assert_eq!(body["error"]["code"], "engine_timeout");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+        "{took:?}"
+    );
+    assert_eq!(fake.scans.load(std::sync::atomic::Ordering::Relaxed), 1);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_reply_is_an_error_not_a_verdict() {
+    let fake = FakeClamd::start(Fault::Malformed).await;
+    let gw = Gateway::start(config(std::slice::from_ref(&fake.address))).await;
+    let (status, body) = gw.scan("a.txt", b"hello".to_vec()).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "ERROR");
+    assert_eq!(body["error"]["code"], "engine_error");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_dying_mid_stream_is_retried_elsewhere_when_replayable() {
+    let dying = FakeClamd::start(Fault::DieAfter(100_000)).await;
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[dying.address.clone(), clamd.address()]);
+    cfg.replay_buffer = mib(1);
+    let gw = Gateway::start(cfg).await;
+    gw.wait_ready(Duration::from_secs(10)).await;
+    // Wait until both backends are up, so the first scan may go to either.
+    for _ in 0..100 {
+        let (_, ready) = json(gw.client.get(gw.url("/readyz")).send().await.unwrap()).await;
+        if ready["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["state"] == "up")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Under the replay limit: the scan completes on the real clamd.
+    let mut data = random_bytes(500_000, 2);
+    data.extend_from_slice(EICAR);
+    let (status, body) = gw.scan("replayed.bin", data).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "FOUND", "{body}");
+    assert_eq!(body["engine"]["backend"], clamd.address());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_dying_mid_stream_past_the_replay_buffer_gives_503() {
+    let dying = FakeClamd::start(Fault::DieAfter(300_000)).await;
+    let mut cfg = config(std::slice::from_ref(&dying.address));
+    cfg.replay_buffer = avgate::config::ByteSize(64 * 1024);
+    let gw = Gateway::start(cfg).await;
+    let (status, body) = gw.scan("big.bin", random_bytes(2 << 20, 3)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "ERROR", "{body}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_of_two_backends_under_load_loses_no_answer() {
+    let mut a = Clamd::start("");
+    let b = Clamd::start("");
+    let gw = Gateway::start(config(&[a.address(), b.address()])).await;
+    let gw = std::sync::Arc::new(gw);
+
+    const REQUESTS: usize = 240;
+    const CONCURRENCY: usize = 8;
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (gw, next) = (gw.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let mut wrong = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= REQUESTS {
+                    return wrong;
+                }
+                // Alternate infected and clean, sizes around the chunk size.
+                let (data, want) = if i % 2 == 0 {
+                    let mut d = random_bytes(70_000 + i, i as u64 + 1);
+                    d.extend_from_slice(EICAR);
+                    (d, "FOUND")
+                } else {
+                    (random_bytes(70_000 + i, i as u64 + 1), "OK")
+                };
+                let (status, body) = gw.scan(&format!("f{i}"), data).await;
+                if status != 200 || body["status"] != want {
+                    wrong.push(format!("request {i}: HTTP {status} {body}"));
+                }
+            }
+        }));
+    }
+    // Kill backend A a little into the run.
+    while next.load(std::sync::atomic::Ordering::Relaxed) < REQUESTS / 4 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.kill();
+    let mut wrong = Vec::new();
+    for w in workers {
+        wrong.extend(w.await.unwrap());
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} wrong answers:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+    let (_, ready) = json(gw.client.get(gw.url("/readyz")).send().await.unwrap()).await;
+    assert_eq!(ready["backends"][0]["state"], "down", "{ready}");
+    assert_eq!(ready["backends"][1]["state"], "up", "{ready}");
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_with_503_not_queued_without_bound() {
+    let fake = FakeClamd::start(Fault::StallReply).await;
+    let mut cfg = config(std::slice::from_ref(&fake.address));
+    cfg.clamd.max_concurrent_per_backend = 1;
+    cfg.clamd.queue_timeout = Humantime(Duration::from_millis(300));
+    cfg.clamd.scan_timeout = Humantime(Duration::from_secs(3));
+    let gw = std::sync::Arc::new(Gateway::start(cfg).await);
+    // The first scan takes the backend's only slot and stalls.
+    let first = {
+        let gw = gw.clone();
+        tokio::spawn(async move { gw.scan("slow.bin", b"slow".to_vec()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    let (status, body) = gw.scan("second.bin", b"second".to_vec()).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "engine_busy");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let (status, body) = first.await.unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (504, Some("engine_timeout"))
+    );
+}

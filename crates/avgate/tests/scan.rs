@@ -1,0 +1,455 @@
+//! Scanning through avgate against a real clamd: verdicts, input handling,
+//! limits.
+
+mod common;
+
+use common::*;
+use futures_util::StreamExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eicar_is_found_and_a_clean_file_is_ok() {
+    let clamd = Clamd::start("");
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+
+    let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["filename"], "eicar.com");
+    assert_eq!(body["status"], "FOUND");
+    assert_eq!(body["verdict"], "infected");
+    assert!(
+        body["signature"].as_str().unwrap().contains("Eicar"),
+        "{body}"
+    );
+    assert_eq!(body["score"], 100);
+    assert_eq!(body["size"], EICAR.len());
+    assert_eq!(
+        body["sha256"],
+        "275a021bbfb6489e54d471899f7db9d1663fc695ec2fe2a2c4538aabf651fd0f"
+    );
+    assert_eq!(body["engine"]["name"], "clamav");
+    assert!(body["engine"]["version"]
+        .as_str()
+        .unwrap()
+        .starts_with("ClamAV 1."));
+
+    let (status, body) = gw.scan("hello.txt", b"hello, world\n".to_vec()).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "OK");
+    assert_eq!(body["verdict"], "clean");
+    assert_eq!(body["signature"], serde_json::Value::Null);
+    assert_eq!(body["score"], 0);
+    assert!(body["duration_ms"].is_u64());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_clamav_testfile_is_found_as_clamdscan_finds_it() {
+    let clamd = Clamd::start("");
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+    let files: Vec<_> = std::fs::read_dir(TESTFILES)
+        .expect("clamav-testfiles is installed (scripts/setup.sh)")
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(files.len() >= 40, "only {} test files", files.len());
+
+    // What clamdscan says on the same clamd.
+    let out = std::process::Command::new("clamdscan")
+        .arg("--config-file")
+        .arg(clamd.clamdscan_conf())
+        .args(["--stream", "--no-summary"])
+        .args(&files)
+        .output()
+        .expect("clamdscan runs");
+    let report = String::from_utf8_lossy(&out.stdout);
+
+    for path in &files {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let expected = report
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("{}: ", path.display()))
+                    .and_then(|rest| rest.strip_suffix(" FOUND"))
+            })
+            .unwrap_or_else(|| panic!("clamdscan did not find {name}: {report}"));
+        let (status, body) = gw.scan(name, std::fs::read(path).unwrap()).await;
+        assert_eq!(status, 200, "{name}: {body}");
+        assert_eq!(body["status"], "FOUND", "{name}: {body}");
+        assert_eq!(body["signature"], expected, "{name}");
+        assert_eq!(body["filename"], name);
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_body_and_batch_endpoints() {
+    let clamd = Clamd::start("");
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+
+    // Raw body, name in a header.
+    let r = gw
+        .client
+        .post(gw.url("/v1/scan/raw"))
+        .header("content-type", "application/octet-stream")
+        .header("x-filename", "sub/dir/clam.zip")
+        .body(std::fs::read(format!("{TESTFILES}/clam.zip")).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().contains_key("x-request-id"));
+    let (status, body) = json(r).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["filename"], "clam.zip");
+    assert_eq!(body["status"], "FOUND");
+
+    // Raw body, name in the query string, no content type.
+    let r = gw
+        .client
+        .post(gw.url("/v1/scan/raw?filename=notes%20v2.txt"))
+        .body("just text")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["filename"], "notes v2.txt");
+    assert_eq!(body["status"], "OK");
+
+    // Batch: one result per file, worst status on top.
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(b"clean".to_vec()).file_name("a.txt"),
+        )
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(EICAR.to_vec()).file_name("b.com"),
+        )
+        .text("comment", "ignored");
+    let r = gw
+        .client
+        .post(gw.url("/v1/scan/batch"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "FOUND");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["filename"], "a.txt");
+    assert_eq!(results[0]["status"], "OK");
+    assert_eq!(results[1]["status"], "FOUND");
+
+    // The legacy path answers like /v1/scan.
+    let form = reqwest::multipart::Form::new().part(
+        "file",
+        reqwest::multipart::Part::bytes(EICAR.to_vec()).file_name("e.com"),
+    );
+    let r = gw
+        .client
+        .post(gw.url("/scan"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("FOUND")));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_one_json_error_shape() {
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.max_parts = 4;
+    let gw = Gateway::start(cfg).await;
+    let b = "XyZzY";
+    let mp = format!("multipart/form-data; boundary={b}");
+
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            "/v1/scan",
+            "application/json",
+            b"{}".to_vec(),
+            400,
+            "invalid_content_type",
+        ),
+        (
+            "/v1/scan",
+            "multipart/form-data",
+            b"x".to_vec(),
+            400,
+            "invalid_content_type",
+        ),
+        (
+            "/v1/scan",
+            &mp,
+            b"this is not multipart at all".to_vec(),
+            400,
+            "invalid_multipart",
+        ),
+        (
+            "/v1/scan",
+            &mp,
+            // Truncated: no closing boundary.
+            format!(
+                "--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nabc"
+            )
+            .into_bytes(),
+            400,
+            "invalid_multipart",
+        ),
+        (
+            "/v1/scan",
+            &mp,
+            multipart_body(b, &[("other", None, &b"x"[..])]),
+            400,
+            "missing_file",
+        ),
+        (
+            "/v1/scan",
+            &mp,
+            multipart_body(
+                b,
+                &[
+                    ("file", Some(&b"a"[..]), &b"1"[..]),
+                    ("file", Some(&b"b"[..]), &b"2"[..]),
+                ],
+            ),
+            400,
+            "too_many_files",
+        ),
+        (
+            "/v1/scan/batch",
+            &mp,
+            multipart_body(b, &[("x", None, &b"1"[..]); 5]),
+            400,
+            "too_many_parts",
+        ),
+        (
+            "/v1/scan/raw",
+            "multipart/form-data; boundary=x",
+            b"x".to_vec(),
+            400,
+            "invalid_content_type",
+        ),
+        ("/v1/nope", "text/plain", b"".to_vec(), 404, "not_found"),
+    ];
+    for (path, ct, body, want_status, want_code) in cases {
+        let (status, json) = gw.post_raw(path, ct, body).await;
+        assert_eq!(status, want_status, "{path} {ct}: {json}");
+        assert_eq!(json["status"], "ERROR", "{json}");
+        assert_eq!(json["error"]["code"], want_code, "{path} {ct}: {json}");
+        assert!(json["error"]["message"].as_str().unwrap().len() > 5);
+    }
+    let r = gw.client.get(gw.url("/v1/scan")).send().await.unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_filenames_are_sanitized_or_refused_never_echoed() {
+    let clamd = Clamd::start("");
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+    let b = "BoUnDaRy";
+    let mp = format!("multipart/form-data; boundary={b}");
+    let long = "A".repeat(10_000);
+    let cases: Vec<(&[u8], Option<&str>)> = vec![
+        (b"../../etc/passwd", Some("passwd")),
+        (b"..\\..\\windows\\evil.exe", Some("evil.exe")),
+        ("invoice\u{202E}fdp.exe".as_bytes(), Some("invoicefdp.exe")),
+        (b"..", None),
+        // Control characters: refused by the part-header parser, or dropped.
+        (b"a\x01b\x1f.txt", None),
+        (long.as_bytes(), Some(&long[..255])),
+        (b"\xff\xfe bad utf8", None),
+        (b"nul\x00byte.txt", None),
+    ];
+    for (raw, want) in cases {
+        let body = multipart_body(b, &[("file", Some(raw), EICAR)]);
+        let (status, json) = gw.post_raw("/v1/scan", &mp, body).await;
+        let shown = String::from_utf8_lossy(raw);
+        match status {
+            200 => {
+                assert_eq!(json["status"], "FOUND", "{shown}: {json}");
+                let got = json["filename"].as_str();
+                if want.is_some() {
+                    assert_eq!(got, want, "{shown}");
+                }
+                if let Some(got) = got {
+                    assert!(!got.contains(['/', '\\', '\0', '\u{202E}']), "{got:?}");
+                    assert!(!got.chars().any(char::is_control), "{got:?}");
+                    assert!(got.len() <= 255);
+                }
+            }
+            400 => {
+                assert!(want.is_none(), "{shown}: refused but should pass: {json}");
+                assert_eq!(json["status"], "ERROR");
+            }
+            other => panic!("{shown}: HTTP {other}: {json}"),
+        }
+    }
+    // Raw endpoint: the header name is sanitized the same way.
+    let r = gw
+        .client
+        .post(gw.url("/v1/scan/raw"))
+        .header("x-filename", "/etc/shadow")
+        .body(EICAR.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let (_, json) = json(r).await;
+    assert_eq!(json["filename"], "shadow");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_over_the_limit_get_413_early() {
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.max_size = mib(1);
+    let gw = Gateway::start(cfg).await;
+
+    // Exactly at the limit is fine.
+    let (status, body) = gw.scan("max.bin", random_bytes(1 << 20, 7)).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("OK")),
+        "{body}"
+    );
+
+    // One byte over, multipart.
+    let (status, body) = gw.scan("big.bin", random_bytes((1 << 20) + 1, 8)).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "file_too_large");
+
+    // Raw with a Content-Length over the limit: refused before the body.
+    let r = gw
+        .client
+        .post(gw.url("/v1/scan/raw"))
+        .body(random_bytes(3 << 20, 9))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("file_too_large"))
+    );
+
+    // Raw, chunked (no Content-Length), a stream that would never end: 413
+    // once it crosses the limit, without avgate reading on.
+    let endless = futures_util::stream::iter(0u64..)
+        .map(|i| Ok::<_, std::io::Error>(bytes::Bytes::from(random_bytes(64 * 1024, i + 1))));
+    let r = gw
+        .client
+        .post(gw.url("/v1/scan/raw"))
+        .body(reqwest::Body::wrap_stream(endless))
+        .send()
+        .await;
+    match r {
+        Ok(r) => {
+            let (status, body) = json(r).await;
+            assert_eq!(status, 413, "{body}");
+        }
+        // The server may close the connection while the client is still
+        // sending; reqwest then reports the write error instead.
+        Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_clamd_cannot_fully_scan_are_never_ok() {
+    // clamd's own limits below avgate's: a 2 MiB file passes avgate's
+    // limit but exceeds clamd's MaxFileSize.
+    let clamd = Clamd::start("MaxFileSize 1M\nMaxScanSize 1M\n");
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+    let (status, body) = gw.scan("big.bin", random_bytes(2 << 20, 3)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "FOUND", "{body}");
+    assert_eq!(body["verdict"], "unscannable");
+    assert!(
+        body["signature"]
+            .as_str()
+            .unwrap()
+            .starts_with("Heuristics.Limits.Exceeded."),
+        "{body}"
+    );
+    assert_eq!(body["score"], 50);
+
+    // An encrypted archive cannot be looked into.
+    let dir = tempfile::tempdir().unwrap();
+    let inner = dir.path().join("inner.txt");
+    std::fs::write(&inner, b"secret content").unwrap();
+    let zip = dir.path().join("enc.zip");
+    let ok = std::process::Command::new("zip")
+        .current_dir(dir.path())
+        .args(["-q", "-P", "pw", "enc.zip", "inner.txt"])
+        .status()
+        .expect("zip is installed (scripts/setup.sh)");
+    assert!(ok.success());
+    let (status, body) = gw.scan("enc.zip", std::fs::read(&zip).unwrap()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "FOUND", "{body}");
+    assert_eq!(body["verdict"], "unscannable");
+    assert!(body["signature"]
+        .as_str()
+        .unwrap()
+        .starts_with("Heuristics.Encrypted."));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_over_a_known_stream_max_length_is_not_sent_and_not_ok() {
+    let clamd = Clamd::start("StreamMaxLength 1M\n");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.clamd.stream_max_length = Some(mib(1));
+    let gw = Gateway::start(cfg).await;
+    let (status, body) = gw.scan("big.bin", random_bytes(3 << 20, 4)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "FOUND");
+    assert_eq!(body["verdict"], "unscannable");
+    assert_eq!(body["signature"], "avgate.Limits.Exceeded.StreamMaxLength");
+    assert_eq!(body["size"], 3 << 20, "the whole upload was still hashed");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clamd_cutting_a_stream_at_its_limit_is_not_ok() {
+    // avgate does not know this clamd's StreamMaxLength: clamd cuts the
+    // stream off, and its reply must still be read and reported.
+    let clamd = Clamd::start("StreamMaxLength 1M\n");
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+    let (status, body) = gw.scan("big.bin", random_bytes(4 << 20, 5)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "FOUND", "{body}");
+    assert_eq!(body["verdict"], "unscannable");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_version_endpoints() {
+    let clamd = Clamd::start("");
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+    let r = gw.client.get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(json(r).await, (200, serde_json::json!({"status": "alive"})));
+    let (status, ready) = json(gw.client.get(gw.url("/readyz")).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["backends"][0]["state"], "up");
+    let (status, v) = json(gw.client.get(gw.url("/version")).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["avgate"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["database"], "external");
+    assert!(v["backends"][0]["clamav"]
+        .as_str()
+        .unwrap()
+        .starts_with("1."));
+    gw.stop().await;
+}
