@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what avgate needs on Debian 12 / Ubuntu 22.04+, only what is
+# missing. Usage: scripts/setup.sh run|test
+set -euo pipefail
+
+mode=${1:-run}
+packages=(clamav-daemon clamav-freshclam)
+if [ "$mode" = test ]; then
+    # clamdscan: the reference client the tests compare with;
+    # clamav-testfiles: 44 test files (archives, packed EXEs, documents);
+    # zip: makes an encrypted archive.
+    packages+=(clamdscan clamav-testfiles zip)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "==> installing: ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo was not found: install Rust (https://rustup.rs) and run this again" >&2
+    exit 1
+fi
