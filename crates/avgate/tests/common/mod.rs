@@ -89,14 +89,14 @@ impl Clamd {
         let conf: String = options.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
         std::fs::write(self.conf_path(), conf).unwrap();
         let _ = std::fs::remove_file(&self.socket);
-        let child = Command::new("clamd")
+        let child = Command::new(clamd_binary())
             .arg("--config-file")
             .arg(self.conf_path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("clamd must be installed (scripts/setup.sh)");
+            .expect("clamd starts");
         self.child = Some(child);
         wait_for_clamd(&self.socket);
     }
@@ -126,6 +126,16 @@ impl Drop for Clamd {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// clamd lives in /usr/sbin, which a normal user's PATH may lack.
+fn clamd_binary() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("clamd"))
+        .find(|p| p.is_file())
+        .expect("clamd must be installed (scripts/setup.sh test)")
 }
 
 /// Waits until clamd really scans (EICAR comes back FOUND). Synchronous
