@@ -8,8 +8,8 @@ packages=(clamav-daemon clamav-freshclam)
 if [ "$mode" = test ]; then
     # clamdscan: the reference client the tests compare with;
     # clamav-testfiles: 44 test files (archives, packed EXEs, documents);
-    # zip: makes an encrypted archive.
-    packages+=(clamdscan clamav-testfiles zip)
+    # zip: makes an encrypted archive; docker-compose: validates deploy/.
+    packages+=(clamdscan clamav-testfiles zip docker-compose)
 fi
 
 missing=()
