@@ -8,8 +8,9 @@ packages=(clamav-daemon clamav-freshclam)
 if [ "$mode" = test ]; then
     # clamdscan: the reference client the tests compare with;
     # clamav-testfiles: 44 test files (archives, packed EXEs, documents);
-    # zip: makes an encrypted archive; docker-compose: validates deploy/.
-    packages+=(clamdscan clamav-testfiles zip docker-compose)
+    # zip: makes an encrypted archive; docker-compose: validates deploy/;
+    # pebble: an ACME test CA; openssl: s_client offers old TLS versions.
+    packages+=(clamdscan clamav-testfiles zip docker-compose pebble openssl)
 fi
 
 missing=()

@@ -9,18 +9,26 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::http::server::{self, ServerLimits};
 use crate::http::{self as web, AppState, Limits};
 use crate::managed::{DatabaseKind, ManagedClamd};
+use crate::perimeter::{Perimeter, RateSpec};
 use crate::scan::clamav::ClamavEngine;
 use crate::scan::Engine;
+use crate::store::SqliteStore;
 
 /// A started service.
 pub struct Running {
     /// The address the public listener is bound to.
     pub addr: SocketAddr,
+    /// The plain-HTTP listener's address (`http_listen`), when there is one.
+    pub http_addr: Option<SocketAddr>,
+    /// The metrics listener's address, unless `metrics.enabled = false`.
+    pub metrics_addr: Option<SocketAddr>,
     pub state: AppState,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -39,6 +47,30 @@ impl Running {
             let _ = task.await;
         }
     }
+}
+
+/// The perimeter's settings from the configuration (validated in
+/// `Config::load`).
+fn perimeter(config: &Config) -> anyhow::Result<Perimeter> {
+    use crate::perimeter::network::{parse_nets, IpPolicy};
+    let net = &config.network;
+    let nets = |list: &[String]| parse_nets(list).map_err(anyhow::Error::msg);
+    let policy = IpPolicy {
+        allow: nets(&net.allow)?,
+        deny: nets(&net.deny)?,
+        trusted_proxies: nets(&net.trusted_proxies)?,
+    };
+    let rl = &config.rate_limit;
+    let spec = |rate, burst| RateSpec { rate, burst };
+    Ok(Perimeter::new(
+        policy,
+        rl.enabled.then(|| spec(rl.per_ip, rl.per_ip_burst)),
+        rl.enabled.then(|| spec(rl.per_token, rl.per_token_burst)),
+        spec(rl.auth_failures, rl.auth_failures_burst),
+        config.request_timeout.0,
+        config.min_upload_rate.0,
+        config.min_upload_window.0,
+    ))
 }
 
 /// Binds the listener, starts clamd (managed mode) and the health checks,
@@ -88,10 +120,40 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stream_max,
     ));
 
+    // Tokens, usage and audit trail: data_dir/avgate.db.
+    let auth = {
+        let dir = config.data_dir.clone();
+        let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir)).await??;
+        Arc::new(Auth::new(Arc::new(store), config.auth.required))
+    };
+
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let http_listener = match config.http_listen {
+        Some(http) => Some(
+            TcpListener::bind(http)
+                .await
+                .with_context(|| format!("cannot listen on {http}"))?,
+        ),
+        None => None,
+    };
+    let http_addr = http_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let metrics_listener = match config.metrics.enabled {
+        true => Some(crate::metrics::bind(config.metrics.listen).await?),
+        false => None,
+    };
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
+    let metrics = Arc::new(crate::metrics::Metrics::new(
+        pool.clone(),
+        managed.clone(),
+        database,
+        config.max_concurrent_scans,
+    ));
 
     let state = AppState {
         engines: Arc::from(vec![engine]),
@@ -105,13 +167,45 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             max_field_size: config.max_field_size.0,
         }),
         scan_slots: Arc::new(Semaphore::new(config.max_concurrent_scans)),
+        perimeter: Arc::new(perimeter(&config)?),
+        auth: auth.clone(),
+        metrics: metrics.clone(),
     };
 
-    let mut tasks = Vec::new();
+    if config.auth.required {
+        crate::auth::manage::bootstrap(auth.store.as_ref(), addr, config.tls.enabled()).await?;
+    } else {
+        tracing::warn!(
+            listen = %addr,
+            "AUTHENTICATION IS DISABLED (auth.required = false): anyone who can reach this address can scan without a token"
+        );
+    }
+
+    // Certificates are loaded (or ACME starts) last: nothing after this
+    // can fail, so its task never outlives a failed start.
+    let (tls, tls_task) = match crate::tls::start(&config, stop.clone())? {
+        Some((tls, task)) => (Some(tls), Some(task)),
+        None => (None, None),
+    };
+    let mut tasks = Vec::from_iter(tls_task);
     // clamd outlives the HTTP server: it is stopped only once in-flight
     // scans are done, hence its own token.
     let clamd_stop = CancellationToken::new();
     let managed_task = managed.map(|m| tokio::spawn(m.supervise(clamd_stop.clone())));
+    if let Some(listener) = metrics_listener {
+        // Its own small limits: a scraper needs a connection or two.
+        let limits = ServerLimits {
+            max_connections: 16,
+            header_timeout: config.header_timeout.0,
+            shutdown_timeout: config.shutdown_timeout.0,
+        };
+        let stop = stop.clone();
+        let app = crate::metrics::router(metrics);
+        tasks.push(tokio::spawn(
+            async move { server::serve(listener, app, limits, None, stop.cancelled_owned()).await }
+                .instrument(tracing::info_span!("metrics_listener")),
+        ));
+    }
     {
         let stop = stop.clone();
         let interval = config.clamd.health_interval.0;
@@ -127,9 +221,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             header_timeout: config.header_timeout.0,
             shutdown_timeout: config.shutdown_timeout.0,
         };
+        if let (Some(http_listener), Some(tls)) = (http_listener, &tls) {
+            let redirect = web::redirect::router(addr.port(), tls.http01.clone());
+            let (limits, stop) = (limits.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                server::serve(
+                    http_listener,
+                    redirect,
+                    limits,
+                    None,
+                    stop.cancelled_owned(),
+                )
+                .await
+            }));
+        }
+        let acceptor = tls.as_ref().map(|t| t.acceptor.clone());
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            server::serve(listener, app, limits, stop.cancelled_owned()).await;
+            server::serve(listener, app, limits, acceptor, stop.cancelled_owned()).await;
             clamd_stop.cancel();
             if let Some(task) = managed_task {
                 let _ = task.await;
@@ -138,6 +247,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     tracing::info!(
         listen = %addr,
+        tls = tls.is_some(),
+        http_listen = ?http_addr,
+        metrics_listen = ?metrics_addr,
         backends = ?pool.backends().iter().map(|b| b.address.to_string()).collect::<Vec<_>>(),
         database = database.as_str(),
         max_size = %config.max_size,
@@ -145,6 +257,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     );
     Ok(Running {
         addr,
+        http_addr,
+        metrics_addr,
         state,
         stop,
         tasks,

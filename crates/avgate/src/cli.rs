@@ -25,6 +25,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration check result and exit (0 when valid).
     CheckConfig(ServeArgs),
+    /// Manage API tokens: create, list, revoke, usage (works on the store directly).
+    Token(crate::auth::cli::TokenArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -53,6 +55,37 @@ pub struct ServeArgs {
     /// Log format [default: auto: JSON unless stdout is a terminal].
     #[arg(long, env = "AVGATE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormatArg>,
+    /// TLS certificate chain (PEM); with --tls-key, --listen speaks HTTPS.
+    /// Reloaded when the file changes.
+    #[arg(long, value_name = "FILE", requires = "tls_key", help_heading = "TLS")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert", help_heading = "TLS")]
+    pub tls_key: Option<PathBuf>,
+    /// Get certificates from Let's Encrypt (or --acme-directory) for this
+    /// name; repeat for several. --listen then speaks HTTPS.
+    #[arg(long = "acme-domain", value_name = "NAME", help_heading = "TLS")]
+    pub acme_domains: Vec<String>,
+    /// Contact address for the ACME account.
+    #[arg(long, value_name = "ADDRESS", help_heading = "TLS")]
+    pub acme_email: Option<String>,
+    /// ACME directory: production (default), staging or a URL.
+    #[arg(long, value_name = "URL", help_heading = "TLS")]
+    pub acme_directory: Option<String>,
+    /// Use Let's Encrypt's staging CA (untrusted certificates, loose rate limits).
+    #[arg(long, conflicts_with = "acme_directory", help_heading = "TLS")]
+    pub acme_staging: bool,
+    /// Extra root CA (PEM) for the ACME directory's HTTPS (a private ACME server).
+    #[arg(long, value_name = "FILE", help_heading = "TLS")]
+    pub acme_ca_root: Option<PathBuf>,
+    /// Plain-HTTP listener beside HTTPS, e.g. 0.0.0.0:80: ACME HTTP-01
+    /// challenges, and a 308 redirect to HTTPS for everything else.
+    #[arg(long, value_name = "ADDR", help_heading = "TLS")]
+    pub http_listen: Option<SocketAddr>,
+    /// Prometheus metrics listener (GET /metrics) [default: 127.0.0.1:9090];
+    /// never the public one. `metrics.enabled = false` turns it off.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -78,6 +111,17 @@ impl ServeArgs {
                 LogFormatArg::Json => LogFormat::Json,
                 LogFormatArg::Text => LogFormat::Text,
             }),
+            http_listen: self.http_listen,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            acme_domains: self.acme_domains.clone(),
+            acme_email: self.acme_email.clone(),
+            acme_directory: match self.acme_staging {
+                true => Some("staging".into()),
+                false => self.acme_directory.clone(),
+            },
+            acme_ca_root: self.acme_ca_root.clone(),
+            metrics_listen: self.metrics_listen,
         };
         Config::load(self.config.as_deref(), std::env::vars(), &overrides)
     }

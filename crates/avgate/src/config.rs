@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub use crate::perimeter::ratelimit::Rate;
+
 /// Environment variables that are not configuration keys.
 const ENV_NOT_KEYS: &[&str] = &["AVGATE_CONFIG", "AVGATE_LOG"];
 
@@ -45,10 +47,45 @@ pub struct Config {
     pub header_timeout: Humantime,
     /// How long SIGTERM waits for in-flight scans.
     pub shutdown_timeout: Humantime,
+    /// Longest a whole request (upload and scan) may take; then 408.
+    pub request_timeout: Humantime,
+    /// Slowest acceptable upload in bytes per second, judged over
+    /// `min_upload_window` of time spent waiting for the client; 0 disables.
+    pub min_upload_rate: ByteSize,
+    pub min_upload_window: Humantime,
+    pub network: NetworkConfig,
+    pub rate_limit: RateLimitConfig,
     /// `auto` (JSON unless stdout is a terminal), `json` or `text`.
     pub log_format: LogFormat,
     pub clamd: ClamdConfig,
     pub managed: ManagedConfig,
+    pub auth: AuthConfig,
+    /// A plain-HTTP listener beside a TLS `listen` (e.g. `0.0.0.0:80`):
+    /// answers ACME HTTP-01 and redirects everything else to HTTPS.
+    pub http_listen: Option<SocketAddr>,
+    /// With a certificate or ACME domains, `listen` speaks HTTPS only.
+    pub tls: TlsConfig,
+    /// Prometheus metrics, on their own listener.
+    pub metrics: MetricsConfig,
+}
+
+/// Prometheus metrics (`GET /metrics`), never on the public listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub enabled: bool,
+    /// The metrics listener: plain HTTP, no authentication. Keep it on
+    /// loopback or a network only the monitoring system reaches.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -90,6 +127,183 @@ pub struct ManagedConfig {
     pub restart_backoff_max: Humantime,
 }
 
+/// API tokens (see `avgate token --help`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Every scan needs a token. Off: a request without a token is served
+    /// anonymously (a token that is sent is still checked).
+    pub required: bool,
+    /// Allows `required = false` on a listen address that is not loopback.
+    pub allow_unauthenticated_public: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            required: true,
+            allow_unauthenticated_public: false,
+        }
+    }
+}
+
+/// Who may connect, and whose X-Forwarded-For is believed. CIDR ranges
+/// or single addresses, IPv4 or IPv6.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Empty: every address (that is not denied).
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+    /// Reverse proxies in front of avgate. Only from these peers is the
+    /// right-most untrusted X-Forwarded-For address taken as the client.
+    pub trusted_proxies: Vec<String>,
+}
+
+/// Token buckets. A token's own `--rate`/`--burst` replace the per-token
+/// defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    pub per_ip: Rate,
+    pub per_ip_burst: u32,
+    pub per_token: Rate,
+    pub per_token_burst: u32,
+    /// Failed authentications per client address (brute force).
+    pub auth_failures: Rate,
+    pub auth_failures_burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        let rate = |s: &str| s.parse::<Rate>().expect("valid default rate");
+        RateLimitConfig {
+            enabled: true,
+            per_ip: rate("10/s"),
+            per_ip_burst: 20,
+            per_token: rate("10/s"),
+            per_token_burst: 20,
+            auth_failures: rate("10/m"),
+            auth_failures_burst: 10,
+        }
+    }
+}
+
+/// Built-in TLS: certificate files (`cert` and `key`) or ACME.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first; reloaded when it changes.
+    pub cert: Option<PathBuf>,
+    /// PEM private key; reloaded when it changes.
+    pub key: Option<PathBuf>,
+    /// How often `cert` and `key` are checked for changes.
+    pub reload_interval: Humantime,
+    /// Time a client has to complete the TLS handshake.
+    pub handshake_timeout: Humantime,
+    pub acme: AcmeConfig,
+}
+
+/// Automatic certificates from an ACME CA (Let's Encrypt by default).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcmeConfig {
+    /// Names on the certificate; not empty turns ACME on.
+    pub domains: Vec<String>,
+    /// Contact address for the CA's account (optional).
+    pub email: Option<String>,
+    /// `production` (Let's Encrypt, the default), `staging` (Let's
+    /// Encrypt's staging CA) or the URL of an ACME directory.
+    pub directory: String,
+    /// `tls-alpn-01` on the TLS listener (port 443), or `http-01` on
+    /// `http_listen` (port 80).
+    pub challenge: AcmeChallenge,
+    /// An extra PEM root trusted for the ACME directory's own HTTPS (a
+    /// private ACME server).
+    pub ca_root: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum AcmeChallenge {
+    #[default]
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    #[serde(rename = "http-01")]
+    Http01,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            reload_interval: Humantime(Duration::from_secs(5)),
+            handshake_timeout: Humantime(Duration::from_secs(10)),
+            acme: AcmeConfig::default(),
+        }
+    }
+}
+
+impl TlsConfig {
+    /// Whether `listen` speaks TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some() || !self.acme.domains.is_empty()
+    }
+
+    fn validate(&self, http_listen: Option<SocketAddr>) -> Result<(), String> {
+        let acme = &self.acme;
+        if self.cert.is_some() != self.key.is_some() {
+            return Err("tls.cert and tls.key must be set together".into());
+        }
+        if self.cert.is_some() && !acme.domains.is_empty() {
+            return Err("use either tls.cert/tls.key or tls.acme.domains, not both".into());
+        }
+        if acme.domains.is_empty()
+            && (acme.email.is_some() || acme.ca_root.is_some() || !acme.directory.is_empty())
+        {
+            return Err("tls.acme settings need tls.acme.domains (--acme-domain)".into());
+        }
+        for domain in &acme.domains {
+            let valid = rustls::pki_types::DnsName::try_from(domain.as_str()).is_ok()
+                && domain.contains('.')
+                && !domain.starts_with('*');
+            if !valid {
+                return Err(format!(
+                    "tls.acme.domains: {domain:?} is not a DNS name a certificate can be ordered for"
+                ));
+            }
+        }
+        let directory = &acme.directory;
+        if !matches!(directory.as_str(), "" | "production" | "staging")
+            && !directory.starts_with("https://")
+        {
+            return Err(format!(
+                "tls.acme.directory: {directory:?} is not production, staging or an https:// URL"
+            ));
+        }
+        if !self.enabled() && http_listen.is_some() {
+            return Err(
+                "http_listen redirects to HTTPS: it needs TLS (tls.cert or tls.acme)".into(),
+            );
+        }
+        if acme.challenge == AcmeChallenge::Http01 && http_listen.is_none() {
+            return Err(
+                "tls.acme.challenge = \"http-01\" needs http_listen (e.g. 0.0.0.0:80)".into(),
+            );
+        }
+        for (name, value) in [
+            ("tls.reload_interval", self.reload_interval),
+            ("tls.handshake_timeout", self.handshake_timeout),
+        ] {
+            if value.0.is_zero() {
+                return Err(format!("{name} must be above 0"));
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -112,9 +326,18 @@ impl Default for Config {
             replay_buffer: ByteSize(1024 * 1024),
             header_timeout: Humantime(Duration::from_secs(10)),
             shutdown_timeout: Humantime(Duration::from_secs(30)),
+            request_timeout: Humantime(Duration::from_secs(15 * 60)),
+            min_upload_rate: ByteSize(16 * 1024),
+            min_upload_window: Humantime(Duration::from_secs(30)),
+            network: NetworkConfig::default(),
+            rate_limit: RateLimitConfig::default(),
             log_format: LogFormat::Auto,
             clamd: ClamdConfig::default(),
             managed: ManagedConfig::default(),
+            auth: AuthConfig::default(),
+            http_listen: None,
+            tls: TlsConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -162,6 +385,15 @@ pub struct Overrides {
     pub max_size: Option<ByteSize>,
     pub data_dir: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
+    pub http_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub acme_domains: Vec<String>,
+    pub acme_email: Option<String>,
+    /// `production`, `staging` or a URL.
+    pub acme_directory: Option<String>,
+    pub acme_ca_root: Option<PathBuf>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +435,11 @@ impl Config {
             if ENV_NOT_KEYS.contains(&key.as_str()) || flag_env(&key) {
                 continue;
             }
+            if kubernetes_service_link(name) {
+                // A Kubernetes Service named "avgate" injects these into
+                // every pod; they are not ours.
+                continue;
+            }
             let path: Vec<String> = name.split("__").map(|p| p.to_ascii_lowercase()).collect();
             set_path(&mut table, &path, env_value(&value)).map_err(|message| {
                 ConfigError::Invalid {
@@ -226,6 +463,13 @@ impl Config {
             origin: "configuration".into(),
             message,
         };
+        for list in [
+            &self.network.allow,
+            &self.network.deny,
+            &self.network.trusted_proxies,
+        ] {
+            crate::perimeter::network::parse_nets(list).map_err(invalid)?;
+        }
         for backend in &self.clamd.backends {
             backend.parse::<clamd::Address>().map_err(invalid)?;
         }
@@ -246,6 +490,26 @@ impl Config {
             if value == 0 {
                 return Err(invalid(format!("{name} must be above 0")));
             }
+        }
+        self.tls.validate(self.http_listen).map_err(invalid)?;
+        let metrics = self.metrics.listen;
+        if self.metrics.enabled
+            && metrics.port() != 0
+            && (metrics == self.listen || Some(metrics) == self.http_listen)
+        {
+            return Err(invalid(format!(
+                "metrics.listen ({metrics}) must differ from listen and http_listen: metrics are never served on a public listener"
+            )));
+        }
+        if !self.auth.required
+            && !self.listen.ip().is_loopback()
+            && !self.auth.allow_unauthenticated_public
+        {
+            return Err(invalid(format!(
+                "auth.required = false on {}, which is not a loopback address: anyone who reaches it could scan without a token. \
+                 Keep authentication on, listen on 127.0.0.1, or also set auth.allow_unauthenticated_public = true",
+                self.listen
+            )));
         }
         Ok(())
     }
@@ -291,6 +555,40 @@ impl Overrides {
             };
             table.insert("log_format".into(), Value::String(name.into()));
         }
+        if let Some(addr) = self.http_listen {
+            table.insert("http_listen".into(), Value::String(addr.to_string()));
+        }
+        // A section that is not a table fails deserialization anyway.
+        let path = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let file = |f: &PathBuf| Value::String(f.display().to_string());
+        let mut set = |p: &[&str], v: Value| {
+            let _ = set_path(table, &path(p), v);
+        };
+        if let Some(cert) = &self.tls_cert {
+            set(&["tls", "cert"], file(cert));
+        }
+        if let Some(key) = &self.tls_key {
+            set(&["tls", "key"], file(key));
+        }
+        if !self.acme_domains.is_empty() {
+            let domains = self.acme_domains.iter().cloned().map(Value::String);
+            set(&["tls", "acme", "domains"], Value::Array(domains.collect()));
+        }
+        if let Some(email) = &self.acme_email {
+            set(&["tls", "acme", "email"], Value::String(email.clone()));
+        }
+        if let Some(directory) = &self.acme_directory {
+            set(
+                &["tls", "acme", "directory"],
+                Value::String(directory.clone()),
+            );
+        }
+        if let Some(ca_root) = &self.acme_ca_root {
+            set(&["tls", "acme", "ca_root"], file(ca_root));
+        }
+        if let Some(addr) = self.metrics_listen {
+            set(&["metrics", "listen"], Value::String(addr.to_string()));
+        }
     }
 }
 
@@ -305,6 +603,11 @@ fn flag_env(key: &str) -> bool {
             | "AVGATE_DATA_DIR"
             | "AVGATE_LOG_FORMAT"
     )
+}
+
+/// `AVGATE_PORT`, `AVGATE_PORT_8080_TCP_ADDR`, `AVGATE_SERVICE_HOST`...
+fn kubernetes_service_link(name: &str) -> bool {
+    name == "PORT" || name.starts_with("PORT_") || name.starts_with("SERVICE_")
 }
 
 /// An environment value as TOML: numbers, booleans and arrays keep their
@@ -470,10 +773,59 @@ mod tests {
     }
 
     #[test]
+    fn authentication_is_required_unless_loopback_or_explicitly_public() {
+        let c = Config::load(None, vec![], &Overrides::default()).unwrap();
+        assert!(c.auth.required, "tokens are required by default");
+        let public = Overrides {
+            listen: Some("0.0.0.0:8080".parse().unwrap()),
+            ..Default::default()
+        };
+        let off = env(&[("AVGATE_AUTH__REQUIRED", "false")]);
+        let err = Config::load(None, off.clone(), &public).unwrap_err();
+        assert!(
+            err.to_string().contains("allow_unauthenticated_public"),
+            "{err}"
+        );
+        let c = Config::load(None, off.clone(), &Overrides::default()).unwrap();
+        assert!(!c.auth.required, "loopback may run without tokens");
+        let mut both = off;
+        both.extend(env(&[(
+            "AVGATE_AUTH__ALLOW_UNAUTHENTICATED_PUBLIC",
+            "true",
+        )]));
+        assert!(Config::load(None, both, &public).is_ok());
+    }
+
+    #[test]
     fn the_example_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../avgate.example.toml");
         let c = Config::load(Some(&path), vec![], &Overrides::default()).unwrap();
         assert_eq!(c.max_size, ByteSize(150 << 20));
+    }
+
+    #[test]
+    fn metrics_listen_on_loopback_and_never_on_the_public_listener() {
+        let c = Config::load(None, vec![], &Overrides::default()).unwrap();
+        assert!(c.metrics.enabled);
+        assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9090");
+        let flag = Overrides {
+            metrics_listen: Some("127.0.0.1:9464".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = Config::load(
+            None,
+            env(&[("AVGATE_METRICS__LISTEN", "127.0.0.1:1")]),
+            &flag,
+        );
+        assert_eq!(c.unwrap().metrics.listen.port(), 9464, "flag beats env");
+        let same = Overrides {
+            metrics_listen: Some("127.0.0.1:8080".parse().unwrap()),
+            ..Default::default()
+        };
+        let err = Config::load(None, vec![], &same).unwrap_err();
+        assert!(err.to_string().contains("metrics.listen"), "{err}");
+        let off = env(&[("AVGATE_METRICS__ENABLED", "false")]);
+        assert!(Config::load(None, off, &same).is_ok());
     }
 
     #[test]
@@ -491,6 +843,8 @@ mod tests {
                 ("AVGATE_MAX_PARTS", "5"),
                 ("AVGATE_CLAMD__SCAN_TIMEOUT", "7s"),
                 ("OTHER", "x"),
+                ("AVGATE_PORT", "tcp://10.0.0.1:8080"),
+                ("AVGATE_SERVICE_HOST", "10.0.0.1"),
             ]),
             &Overrides {
                 listen: Some("127.0.0.1:2".parse().unwrap()),

@@ -2,20 +2,32 @@
 //!
 //! # Layout
 //! - [`config`]: typed, layered configuration (defaults, file, env, flags).
+//! - [`auth`]: API tokens, the auth extractors, quotas, the audit trail.
+//! - [`store`]: tokens, usage counters and the audit trail, behind a trait
+//!   (SQLite in the data directory).
 //! - [`http`]: the router, one module per resource, the one error body
 //!   ([`http::error`]), and the connection loop ([`http::server`]).
 //! - [`scan`]: the [`scan::Engine`] trait, the ClamAV engine over the
 //!   `clamd` crate, the upload pipeline (stream -> sha256 + engines) and
 //!   [`scan::verdict`], the one place where OK / FOUND is decided.
 //! - [`managed`]: the clamd that avgate runs itself when none is given.
+//! - [`metrics`]: Prometheus metrics and their own listener; the per-scan
+//!   log line is [`http::observe`].
+//! - [`perimeter`]: client address, IP lists, rate limits, slow clients.
+//! - [`tls`]: certificate files or ACME (Let's Encrypt), the TLS handshake.
 //! - [`app`]: wires these together and runs them until shutdown.
 //!
 //! A scan travels: request -> limits -> multipart or raw body as a stream
 //! of chunks -> pipeline (sha256, size, engines) -> verdict -> JSON.
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod http;
 pub mod managed;
+pub mod metrics;
+pub mod perimeter;
 pub mod scan;
+pub mod store;
+pub mod tls;

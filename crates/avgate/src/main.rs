@@ -9,6 +9,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Token(args) => avgate::auth::cli::run(args),
         Command::CheckConfig(args) => match args.load() {
             Ok(config) => {
                 println!("configuration is valid");

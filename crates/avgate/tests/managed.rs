@@ -36,6 +36,10 @@ impl Server {
             .arg(dir.path().join("data"))
             .env("AVGATE_CLAMD__HEALTH_INTERVAL", "400ms")
             .env("AVGATE_LOG_FORMAT", "json")
+            // Tokens have their own end-to-end test (tests/auth.rs).
+            .env("AVGATE_AUTH__REQUIRED", "false")
+            // Not the fixed default port: tests run side by side.
+            .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::inherit())

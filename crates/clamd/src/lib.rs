@@ -7,6 +7,8 @@
 //!   every operation.
 //! - [`pool`]: several backends, health probes (a real scan of EICAR, not
 //!   PING), least-busy choice and a concurrency limit per backend.
+//! - [`database`]: which files of a database directory clamd loads, and
+//!   how old its newest signatures are.
 //!
 //! # What clamd's answers do not tell you
 //! INSTREAM reports only the first match. With `AlertExceedsMax no` (the
@@ -16,9 +18,12 @@
 //! `Heuristics.Limits.Exceeded.*` instead.
 
 pub mod conn;
+pub mod database;
 pub mod pool;
 pub mod proto;
 
 pub use conn::{Address, Connection, Error, Instream, Timeouts};
-pub use pool::{AcquireError, Backend, BackendConfig, BackendStatus, Health, Lease, Pool, EICAR};
+pub use pool::{
+    AcquireError, Backend, BackendConfig, BackendStatus, DatabaseDating, Health, Lease, Pool, EICAR,
+};
 pub use proto::{ScanReply, Stats, Version};

@@ -5,6 +5,7 @@
 //! each backend gets at most `max_concurrent` scans from us (no more than
 //! its MaxThreads), and a caller that cannot get a slot in time is told so.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -49,6 +50,9 @@ pub struct Backend {
     healthy: AtomicBool,
     scans: AtomicU64,
     failures: AtomicU64,
+    /// Being reloaded: new scans go to the other backends while there are
+    /// healthy ones (see [`Backend::set_draining`]).
+    draining: AtomicBool,
     state: Mutex<BackendState>,
 }
 
@@ -58,6 +62,30 @@ struct BackendState {
     version: Option<Version>,
     last_probe: Option<SystemTime>,
     probe_signature: Option<String>,
+    database_time: Option<SystemTime>,
+    dated_by: Option<DatabaseDating>,
+    /// The backend's database directory on this host, when known: dates an
+    /// unsigned database by its files.
+    database_dir: Option<PathBuf>,
+}
+
+/// Where a backend's database time comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseDating {
+    /// The build date of its signed database, from VERSION.
+    Version,
+    /// The newest signature file in its database directory (an unsigned
+    /// database: custom or test signatures).
+    Files,
+}
+
+impl DatabaseDating {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatabaseDating::Version => "version",
+            DatabaseDating::Files => "files",
+        }
+    }
 }
 
 /// A snapshot for status pages and metrics.
@@ -73,6 +101,20 @@ pub struct BackendStatus {
     pub last_probe: Option<SystemTime>,
     /// The signature name the probe matched (tells test vs. official DB).
     pub probe_signature: Option<String>,
+    /// When the loaded signature database was built (signed) or last
+    /// changed (unsigned), as of the last successful probe.
+    pub database_time: Option<SystemTime>,
+    pub dated_by: Option<DatabaseDating>,
+    /// Out of rotation for a signature reload.
+    pub draining: bool,
+}
+
+impl BackendStatus {
+    /// How old the loaded signature database is, when known.
+    pub fn database_age(&self) -> Option<Duration> {
+        self.database_time
+            .map(|t| SystemTime::now().duration_since(t).unwrap_or_default())
+    }
 }
 
 impl Backend {
@@ -86,13 +128,35 @@ impl Backend {
             healthy: AtomicBool::new(false),
             scans: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
             state: Mutex::new(BackendState {
                 health: Health::Unknown,
                 version: None,
                 last_probe: None,
                 probe_signature: None,
+                database_time: None,
+                dated_by: None,
+                database_dir: None,
             }),
         }
+    }
+
+    /// Dates an unsigned database (one whose VERSION carries no date) by
+    /// the newest signature file in `dir`, this backend's database
+    /// directory on this host.
+    pub fn set_database_dir(&self, dir: Option<PathBuf>) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).database_dir = dir;
+    }
+
+    /// Takes the backend out of rotation (or puts it back): while other
+    /// backends are healthy, new scans go to them. Scans already running
+    /// here are not touched. Used to reload one backend at a time.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -115,6 +179,9 @@ impl Backend {
             failures: self.failures.load(Ordering::Relaxed),
             last_probe: state.last_probe,
             probe_signature: state.probe_signature.clone(),
+            database_time: state.database_time,
+            dated_by: state.dated_by,
+            draining: self.is_draining(),
         }
     }
 
@@ -139,6 +206,19 @@ impl Backend {
         self.set_health(Health::Down(why.to_string()));
     }
 
+    async fn date_by_files(&self) -> Option<(SystemTime, DatabaseDating)> {
+        let dir = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .database_dir
+            .clone()?;
+        let newest = tokio::task::spawn_blocking(move || {
+            crate::database::newest_signature_mtime(&dir)
+        });
+        newest.await.ok()?.map(|t| (t, DatabaseDating::Files))
+    }
+
     /// Probes readiness with a real scan of EICAR, then asks for VERSION.
     pub async fn probe(&self, timeouts: Timeouts) -> Result<Version, Error> {
         let result = async {
@@ -157,6 +237,15 @@ impl Backend {
         }
         .await;
         let now = SystemTime::now();
+        // A signed database carries its date; an unsigned one is dated by
+        // its files, when we know where they are.
+        let dating = match &result {
+            Ok((_, version)) => match version.database_time() {
+                Some(t) => Some((t, DatabaseDating::Version)),
+                None => self.date_by_files().await,
+            },
+            Err(_) => None,
+        };
         match result {
             Ok((signature, version)) => {
                 {
@@ -164,6 +253,8 @@ impl Backend {
                     state.version = Some(version.clone());
                     state.last_probe = Some(now);
                     state.probe_signature = Some(signature);
+                    state.database_time = dating.map(|(t, _)| t);
+                    state.dated_by = dating.map(|(_, by)| by);
                 }
                 self.set_health(Health::Up);
                 Ok(version)
@@ -222,6 +313,21 @@ impl Pool {
         self.backends.iter().any(|b| b.is_healthy())
     }
 
+    /// Whether the backends run different signature databases: among
+    /// those that answered a probe, more than one database version (a
+    /// backend without a signed database counts as one version of its own).
+    pub fn database_versions_differ(&self) -> bool {
+        let mut seen: Vec<Option<u32>> = Vec::new();
+        for backend in &self.backends {
+            if let Some(version) = backend.status().version {
+                if !seen.contains(&version.database) {
+                    seen.push(version.database);
+                }
+            }
+        }
+        seen.len() > 1
+    }
+
     /// Takes a slot on the least busy healthy backend, skipping those in
     /// `exclude` (backends that already failed this request). Waits up to
     /// `wait` for a slot when all are busy.
@@ -242,6 +348,10 @@ impl Pool {
                 .collect();
             if candidates.is_empty() {
                 return Err(AcquireError::NoneHealthy);
+            }
+            // A backend being reloaded takes scans only when no other can.
+            if candidates.iter().any(|(_, b)| !b.is_draining()) {
+                candidates.retain(|(_, b)| !b.is_draining());
             }
             // Least busy relative to its capacity first.
             candidates.sort_by_key(|(_, b)| (b.in_flight() * 1000) / b.max_concurrent);
@@ -438,6 +548,49 @@ mod tests {
         drop(c);
         assert_eq!(waiter.await.unwrap().unwrap(), freed);
         drop((a, b, d));
+    }
+
+    #[tokio::test]
+    async fn a_draining_backend_gets_scans_only_when_no_other_can() {
+        let pool = pool_of(2, 4);
+        for b in pool.backends() {
+            b.set_health(Health::Up);
+        }
+        pool.backends()[0].set_draining(true);
+        let leases: Vec<_> = acquire_n(&pool, 3).await;
+        assert!(leases.iter().all(|l| l.index() == 1), "draining skipped");
+        pool.backends()[1].set_health(Health::Down("gone".into()));
+        let lease = pool.acquire(Duration::ZERO, &[]).await.unwrap();
+        assert_eq!(lease.index(), 0, "the draining backend is the last resort");
+        assert!(pool.backends()[0].status().draining);
+    }
+
+    #[test]
+    fn differing_database_versions_are_noticed() {
+        let pool = pool_of(3, 1);
+        let set = |i: usize, reply: &[u8]| {
+            pool.backends()[i]
+                .state
+                .lock()
+                .unwrap()
+                .version = Some(Version::parse(reply).unwrap());
+        };
+        assert!(!pool.database_versions_differ(), "nothing probed yet");
+        set(0, b"ClamAV 1.4.6/27461/Tue Nov 24 09:25:11 2026");
+        set(1, b"ClamAV 1.4.6/27461/Tue Nov 24 09:25:11 2026");
+        assert!(!pool.database_versions_differ());
+        set(2, b"ClamAV 1.4.6/27460/Mon Nov 23 09:25:11 2026");
+        assert!(pool.database_versions_differ());
+        set(2, b"ClamAV 1.4.6");
+        assert!(pool.database_versions_differ(), "signed vs. unsigned");
+    }
+
+    async fn acquire_n(pool: &Arc<Pool>, n: usize) -> Vec<Lease> {
+        let mut leases = Vec::new();
+        for _ in 0..n {
+            leases.push(pool.acquire(Duration::ZERO, &[]).await.unwrap());
+        }
+        leases
     }
 
     #[tokio::test]

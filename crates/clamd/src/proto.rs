@@ -9,6 +9,7 @@
 //! exactly "everything up to the first NUL".
 
 use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Largest reply we accept from clamd. Real replies are a few hundred bytes
 /// (STATS is the longest, ~1 KiB per thread pool); anything larger is a
@@ -172,6 +173,69 @@ impl Version {
             database_date,
         })
     }
+}
+
+impl Version {
+    /// When the loaded signed database was built, from `database_date`.
+    /// `None` without a signed database or for a date that does not parse.
+    pub fn database_time(&self) -> Option<SystemTime> {
+        self.database_date.as_deref().and_then(parse_ctime)
+    }
+}
+
+/// Parses a date in C's `ctime` format without its newline, as clamd's
+/// VERSION prints the database date: `Tue Nov 24 09:25:11 2026`, the day
+/// padded with a space (`Tue Nov  3 ...`).
+///
+/// clamd formats it in its own local time zone and does not say which;
+/// it is read as UTC. That is exact for a clamd running in UTC (servers,
+/// containers) and off by the zone's offset (hours) elsewhere, which is
+/// small against a maximum database age of days.
+pub fn parse_ctime(text: &str) -> Option<SystemTime> {
+    let mut words = text.split_whitespace();
+    let _weekday = words.next()?;
+    let month = match words.next()? {
+        "Jan" => 1,
+        "Feb" => 2,
+        "Mar" => 3,
+        "Apr" => 4,
+        "May" => 5,
+        "Jun" => 6,
+        "Jul" => 7,
+        "Aug" => 8,
+        "Sep" => 9,
+        "Oct" => 10,
+        "Nov" => 11,
+        "Dec" => 12,
+        _ => return None,
+    };
+    let day: u32 = words.next()?.parse().ok()?;
+    let mut clock = words.next()?.split(':').map(|n| n.parse::<u32>().ok());
+    let (hour, minute, second) = (clock.next()??, clock.next()??, clock.next()??);
+    let year: i64 = words.next()?.parse().ok()?;
+    if words.next().is_some() || clock.next().is_some() {
+        return None;
+    }
+    if !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 || year < 1970 {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    let seconds = days * 86_400 + i64::from(hour * 3600 + minute * 60 + second);
+    u64::try_from(seconds)
+        .ok()
+        .map(|s| UNIX_EPOCH + std::time::Duration::from_secs(s))
+}
+
+/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar
+/// (Howard Hinnant's `days_from_civil`).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 impl fmt::Display for Version {
@@ -380,6 +444,36 @@ mod tests {
         assert!(Version::parse(b"PONG").is_err());
         assert!(Version::parse(b"ClamAV ").is_err());
         assert!(Version::parse(b"ClamAV 1.0/notanumber/x").is_err());
+    }
+
+    #[test]
+    fn database_dates_parse_as_utc() {
+        let at = |s| {
+            parse_ctime(s).map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_secs())
+        };
+        // date -u -d '2026-11-24 09:25:11' +%s
+        assert_eq!(at("Tue Nov 24 09:25:11 2026"), Some(1_795_512_311));
+        assert_eq!(at("Thu Jan  1 00:00:00 1970"), Some(0));
+        assert_eq!(at("Tue Feb 29 12:00:00 2028"), Some(1_835_438_400));
+        assert_eq!(at("Wed Nov  4 01:02:03 2026"), Some(1_793_754_123));
+        for bad in [
+            "",
+            "Tue Nov 24 09:25:11",
+            "Tue Foo 24 09:25:11 2026",
+            "Tue Nov 24 09:25 2026",
+            "Tue Nov 24 25:00:00 2026",
+            "Tue Nov 32 09:25:11 2026",
+            "Tue Nov 24 09:25:11 2026 extra",
+            "Tue Nov 24 09:25:11:00 2026",
+        ] {
+            assert_eq!(at(bad), None, "{bad:?}");
+        }
+        let v = Version::parse(b"ClamAV 1.4.6/27461/Tue Nov 24 09:25:11 2026").unwrap();
+        assert_eq!(
+            v.database_time(),
+            Some(UNIX_EPOCH + std::time::Duration::from_secs(1_795_512_311))
+        );
+        assert_eq!(Version::parse(b"ClamAV 1.4.6").unwrap().database_time(), None);
     }
 
     #[test]

@@ -29,8 +29,16 @@ pub struct ApiError {
     pub message: String,
     pub filename: Option<String>,
     /// Extra top-level fields (e.g. the results of a partial batch).
-    pub extra: Option<(&'static str, Value)>,
+    /// Boxed: rarely set, and it would double the size of every Result.
+    pub extra: Option<Box<(&'static str, Value)>>,
+    /// Seconds for `Retry-After`; 503s get a default.
+    pub retry_after: Option<u64>,
 }
+
+/// The `code` of an error response, left in the response's extensions
+/// for the metrics middleware (rejections by reason).
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
 
 #[derive(Serialize)]
 struct Body<'a> {
@@ -54,6 +62,7 @@ impl ApiError {
             message: message.into(),
             filename: None,
             extra: None,
+            retry_after: None,
         }
     }
 
@@ -94,8 +103,13 @@ impl ApiError {
         self
     }
 
+    pub fn with_retry_after(mut self, seconds: u64) -> ApiError {
+        self.retry_after = Some(seconds);
+        self
+    }
+
     pub fn with_extra(mut self, key: &'static str, value: Value) -> ApiError {
-        self.extra = Some((key, value));
+        self.extra = Some(Box::new((key, value)));
         self
     }
 }
@@ -134,6 +148,11 @@ impl From<PipelineError> for ApiError {
                 "invalid_multipart",
                 format!("malformed multipart body: {msg}"),
             ),
+            PipelineError::Body(e @ BodyError::TooSlow(_)) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload_too_slow",
+                e.to_string(),
+            ),
             PipelineError::Body(BodyError::Read(msg)) => ApiError::bad_request(
                 "invalid_body",
                 format!("the upload could not be read: {msg}"),
@@ -154,14 +173,21 @@ impl IntoResponse for ApiError {
             filename: self.filename.as_deref(),
         };
         let mut value = serde_json::to_value(body).unwrap_or(Value::Null);
-        if let (Some((key, extra)), Value::Object(map)) = (self.extra, &mut value) {
+        if let (Some(extra), Value::Object(map)) = (self.extra, &mut value) {
+            let (key, extra) = *extra;
             map.insert(key.to_owned(), extra);
         }
         let mut response = (self.status, Json(value)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        response.extensions_mut().insert(ErrorCode(self.code));
+        let retry_after = match self.retry_after {
+            Some(s) => Some(s),
+            None if self.status == StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_SECS.into()),
+            None => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -1,24 +1,28 @@
 //! The HTTP surface: router, shared state, the connection loop.
 
+pub mod admin;
 pub mod error;
 pub mod health;
+pub mod observe;
+pub mod redirect;
 pub mod scan;
 pub mod server;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use clamd::Pool;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::managed::{DatabaseKind, ManagedClamd};
+use crate::perimeter::{self, ClientIp, Perimeter};
 use crate::scan::Engine;
 use error::ApiError;
 
@@ -40,6 +44,11 @@ pub struct AppState {
     pub database: DatabaseKind,
     pub limits: Arc<Limits>,
     pub scan_slots: Arc<Semaphore>,
+    pub perimeter: Arc<Perimeter>,
+    /// Tokens, quotas, audit: see [`crate::auth`].
+    pub auth: Arc<crate::auth::Auth>,
+    /// Prometheus metrics (served on their own listener).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The client's address, set by the connection loop.
@@ -47,11 +56,29 @@ pub struct AppState {
 pub struct ClientAddr(pub std::net::SocketAddr);
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    // Everything that costs a scan or touches state goes through the
+    // perimeter; health and version stay open for load balancers.
+    let protected = Router::new()
         .route("/v1/scan", post(scan::scan_one))
         .route("/scan", post(scan::scan_one))
         .route("/v1/scan/batch", post(scan::scan_batch))
         .route("/v1/scan/raw", post(scan::scan_raw))
+        // Each admin handler takes an AdminPrincipal: admin tokens only.
+        .route(
+            "/v1/admin/tokens",
+            get(admin::list_tokens).post(admin::create_token),
+        )
+        .route("/v1/admin/tokens/{id}", delete(admin::revoke_token))
+        .route("/v1/admin/tokens/{id}/usage", get(admin::token_usage))
+        .route("/v1/admin/audit", get(admin::audit))
+        .route_layer(middleware::from_fn_with_state(
+            state.perimeter.clone(),
+            perimeter::guard,
+        ));
+    let perimeter = state.perimeter.clone();
+    let metrics = state.metrics.clone();
+    Router::new()
+        .merge(protected)
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/version", get(health::version))
@@ -59,12 +86,20 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .with_state(state)
-        .layer(middleware::from_fn(request_context))
+        .layer(middleware::from_fn_with_state(perimeter, request_context))
+        .layer(middleware::from_fn_with_state(
+            metrics,
+            crate::metrics::track_requests,
+        ))
 }
 
 /// Gives each request an id (returned as `X-Request-Id`) and logs it once
 /// it is answered, by matched route rather than raw path.
-async fn request_context(request: Request, next: Next) -> Response {
+async fn request_context(
+    State(perimeter): State<Arc<Perimeter>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let started = Instant::now();
     let method = request.method().clone();
@@ -76,8 +111,14 @@ async fn request_context(request: Request, next: Next) -> Response {
     let client = request
         .extensions()
         .get::<ClientAddr>()
-        .map(|c| c.0.ip().to_string())
-        .unwrap_or_default();
+        .map(|peer| perimeter.ip_policy.client_ip(peer.0, request.headers()));
+    if let Some(ip) = client {
+        request.extensions_mut().insert(ClientIp(ip));
+    }
+    request
+        .extensions_mut()
+        .insert(observe::RequestId(id.clone()));
+    let client = client.map(|ip| ip.to_string()).unwrap_or_default();
     let span = tracing::info_span!("request", request_id = %id, client = %client);
     let mut response = next.run(request).instrument(span.clone()).await;
     if let Ok(value) = HeaderValue::from_str(&id) {

@@ -12,7 +12,10 @@ use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::error::ApiError;
+use super::observe::ScanContext;
 use super::AppState;
+use crate::auth::Principal;
+use crate::perimeter::slowbody::MinRate;
 use crate::scan::filename;
 use crate::scan::pipeline::{self, BodyError, ScanResult};
 use crate::scan::verdict::Status;
@@ -23,9 +26,15 @@ const MULTIPART_OVERHEAD: u64 = 64 * 1024;
 /// `POST /v1/scan`: one multipart part named `file`.
 pub async fn scan_one(
     State(state): State<AppState>,
+    principal: Principal,
     request: Request,
 ) -> Result<Response, ApiError> {
     let max = state.limits.max_size;
+    let meter = state
+        .auth
+        .meter(&principal, content_length(request.headers()))
+        .await?;
+    let observe = ScanContext::new(&state, &request, &principal);
     let mut form = Form::open(&state, request, 1)?;
     let mut result: Option<ScanResult> = None;
     while let Some(part) = form.next_part().await? {
@@ -38,11 +47,17 @@ pub async fn scan_one(
                     ));
                 }
                 let name = field.file_name().and_then(filename::sanitize);
-                let scanned =
-                    pipeline::scan(&state.engines, name.clone(), field_stream(field), None, max)
-                        .await
-                        .map_err(|e| ApiError::from(e).with_filename(name))?;
-                log_result(&scanned);
+                let counted = meter
+                    .reserve_file()
+                    .await
+                    .map_err(|e| e.with_filename(name.clone()))?;
+                let scan =
+                    pipeline::scan(&state.engines, name.clone(), field_stream(field), None, max);
+                let scanned = observe
+                    .scan(name.as_deref(), scan)
+                    .await
+                    .map_err(|e| ApiError::from(e).with_filename(name))?;
+                counted.commit(scanned.size).await;
                 result = Some(scanned);
             }
             Part::Other => {}
@@ -63,10 +78,16 @@ struct BatchResult {
 /// `file`, scanned one after the other.
 pub async fn scan_batch(
     State(state): State<AppState>,
+    principal: Principal,
     request: Request,
 ) -> Result<Response, ApiError> {
     let max = state.limits.max_size;
     let max_files = state.limits.max_files;
+    let meter = state
+        .auth
+        .meter(&principal, content_length(request.headers()))
+        .await?;
+    let observe = ScanContext::new(&state, &request, &principal);
     let mut form = Form::open(&state, request, max_files as u64)?;
     let mut results: Vec<ScanResult> = Vec::new();
     let partial = |results: &Vec<ScanResult>| serde_json::to_value(results).unwrap_or_default();
@@ -85,9 +106,18 @@ pub async fn scan_batch(
             .with_extra("results", partial(&results)));
         }
         let name = field.file_name().and_then(filename::sanitize);
-        match pipeline::scan(&state.engines, name.clone(), field_stream(field), None, max).await {
+        let counted = match meter.reserve_file().await {
+            Ok(counted) => counted,
+            Err(e) => {
+                return Err(e
+                    .with_filename(name)
+                    .with_extra("results", partial(&results)))
+            }
+        };
+        let scan = pipeline::scan(&state.engines, name.clone(), field_stream(field), None, max);
+        match observe.scan(name.as_deref(), scan).await {
             Ok(scanned) => {
-                log_result(&scanned);
+                counted.commit(scanned.size).await;
                 results.push(scanned);
             }
             Err(e) => {
@@ -112,6 +142,7 @@ pub async fn scan_batch(
 /// `X-Filename` header or the `filename` query parameter.
 pub async fn scan_raw(
     State(state): State<AppState>,
+    principal: Principal,
     request: Request,
 ) -> Result<Response, ApiError> {
     let max = state.limits.max_size;
@@ -136,30 +167,28 @@ pub async fn scan_raw(
         .map(str::to_owned)
         .or_else(|| query_param(request.uri().query(), "filename"));
     let name = raw_name.as_deref().and_then(filename::sanitize);
+    let meter = state.auth.meter(&principal, length).await?;
+    let observe = ScanContext::new(&state, &request, &principal);
     let _slot = scan_slot(&state)?;
-    let body = request
-        .into_body()
-        .into_data_stream()
-        .map_err(|e| BodyError::Read(e.to_string()));
-    let scanned = pipeline::scan(&state.engines, name.clone(), body, length, max)
+    let counted = meter
+        .reserve_file()
+        .await
+        .map_err(|e| e.with_filename(name.clone()))?;
+    let body = MinRate::new(
+        request
+            .into_body()
+            .into_data_stream()
+            .map_err(|e| BodyError::Read(e.to_string())),
+        state.perimeter.min_upload_rate,
+        state.perimeter.min_upload_window,
+    );
+    let scan = pipeline::scan(&state.engines, name.clone(), body, length, max);
+    let scanned = observe
+        .scan(name.as_deref(), scan)
         .await
         .map_err(|e| ApiError::from(e).with_filename(name))?;
-    log_result(&scanned);
+    counted.commit(scanned.size).await;
     Ok(Json(scanned).into_response())
-}
-
-fn log_result(r: &ScanResult) {
-    tracing::info!(
-        filename = r.filename.as_deref().unwrap_or(""),
-        size = r.size,
-        sha256 = %r.sha256,
-        status = ?r.verdict.status,
-        verdict = ?r.verdict.verdict,
-        signature = r.verdict.signature.as_deref().unwrap_or(""),
-        backend = %r.engine.backend,
-        duration_ms = r.duration_ms,
-        "scanned"
-    );
 }
 
 fn missing_file() -> ApiError {
@@ -293,7 +322,13 @@ impl Form {
                 .for_field("file", limits.max_size + 1),
         );
         let body: Body = request.into_body();
-        let multipart = Multipart::with_constraints(body.into_data_stream(), boundary, constraints);
+        let body = MinRate::new(
+            body.into_data_stream()
+                .map_err(|e| BodyError::Read(e.to_string())),
+            state.perimeter.min_upload_rate,
+            state.perimeter.min_upload_window,
+        );
+        let multipart = Multipart::with_constraints(body, boundary, constraints);
         Ok(Form {
             multipart,
             parts: 0,
@@ -330,6 +365,11 @@ fn field_stream(
 
 fn body_error(e: multer::Error) -> BodyError {
     match e {
+        // Our own body errors (too slow, read failure) come back wrapped.
+        multer::Error::StreamReadFailed(inner) => match inner.downcast::<BodyError>() {
+            Ok(body) => *body,
+            Err(other) => BodyError::Read(other.to_string()),
+        },
         multer::Error::FieldSizeExceeded { .. } | multer::Error::StreamSizeExceeded { .. } => {
             BodyError::TooLarge
         }
@@ -339,6 +379,7 @@ fn body_error(e: multer::Error) -> BodyError {
 
 fn multipart_error(e: multer::Error) -> ApiError {
     match e {
+        multer::Error::StreamReadFailed(_) => pipeline::PipelineError::Body(body_error(e)).into(),
         multer::Error::FieldSizeExceeded { .. } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "field_too_large",

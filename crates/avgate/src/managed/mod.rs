@@ -101,12 +101,18 @@ impl ManagedClamd {
                 socket.display()
             );
         }
-        let stream_max_length = config.max_size.0 + 1024 * 1024;
+        let stream_max_length = (config.max_size.0 + 1024 * 1024).min(4_000_000_000);
+        // clamd spools each stream to a temporary file: keep those in our
+        // private directory, and clear what a killed clamd left behind.
+        let tmp = dir.join("tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        create_private_dir(&tmp)?;
         let conf = clamd_conf(
             config,
             &socket,
             &dir.join("clamd.pid"),
             &database_dir,
+            &tmp,
             stream_max_length,
         );
         let config_path = dir.join("clamd.conf");
@@ -152,7 +158,7 @@ impl ManagedClamd {
         const STABLE_AFTER: Duration = Duration::from_secs(60);
         let mut backoff = BACKOFF_START;
         loop {
-            self.clean_up_stale();
+            self.clean_up_stale().await;
             let started = Instant::now();
             let mut child = match self.spawn() {
                 Ok(child) => child,
@@ -233,7 +239,7 @@ impl ManagedClamd {
 
     /// A clamd left over from an avgate that was killed (SIGKILL leaves
     /// no chance to stop the child) would hold the socket: stop it.
-    fn clean_up_stale(&self) {
+    async fn clean_up_stale(&self) {
         if let Some(pid) = std::fs::read_to_string(&self.pid_path)
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
@@ -245,7 +251,7 @@ impl ManagedClamd {
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
-                std::thread::sleep(Duration::from_millis(200));
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
         let _ = std::fs::remove_file(&self.pid_path);
@@ -262,6 +268,10 @@ async fn forward_lines(pipe: impl tokio::io::AsyncRead + Unpin) {
         }
         if line.contains("ERROR") || line.contains("WARNING") {
             tracing::warn!(target: "clamd", "{line}");
+        } else if line.ends_with("FOUND") {
+            // Per-scan detections (the readiness probe's too): avgate logs
+            // every result itself, with more context.
+            tracing::debug!(target: "clamd", "{line}");
         } else {
             tracing::info!(target: "clamd", "{line}");
         }
@@ -377,12 +387,20 @@ fn clamd_conf(
     socket: &Path,
     pid: &Path,
     database: &Path,
+    tmp: &Path,
     stream_max: u64,
 ) -> String {
     // clamd's size options are 32-bit on some builds; stay below 4 GiB.
     const CLAMD_MAX: u64 = 4_000_000_000;
-    let max_size = config.max_size.0.min(CLAMD_MAX);
-    let scan_size = (max_size.saturating_mul(4)).clamp(400 << 20, CLAMD_MAX);
+    let stream_max = stream_max.min(CLAMD_MAX);
+    // MaxFileSize equals MaxScanSize on purpose. avgate enforces the upload
+    // size itself; inside clamd, MaxFileSize also applies to each file
+    // extracted from an archive, and clamd 1.4 skips the part of such a
+    // member past MaxFileSize WITHOUT an alert even with AlertExceedsMax
+    // (a zip holding 151 MiB of zeros and then EICAR came back OK). Going
+    // past MaxScanSize is alerted, so the two limits must coincide.
+    let scan_size = (config.max_size.0.saturating_mul(4)).clamp(400 << 20, CLAMD_MAX);
+    let max_size = scan_size;
     // clamd must give up (and say so) before we stop waiting for it.
     let scan_timeout = config.clamd.scan_timeout.0;
     let max_scan_time = if scan_timeout > Duration::from_secs(20) {
@@ -399,6 +417,7 @@ fn clamd_conf(
          FixStaleSocket yes\n\
          PidFile {pid}\n\
          DatabaseDirectory {database}\n\
+         TemporaryDirectory {tmp}\n\
          LogTime no\n\
          LogClean no\n\
          LogVerbose no\n\
@@ -423,9 +442,15 @@ fn clamd_conf(
         socket = socket.display(),
         pid = pid.display(),
         database = database.display(),
+        tmp = tmp.display(),
         queue = threads * 4,
         scan_ms = max_scan_time.as_millis(),
-        read_timeout = config.clamd.io_timeout.0.as_secs().max(30) * 2,
+        // A client that pauses is cut off by avgate's minimum upload rate;
+        // clamd must not drop the stream first (that looks like a dead
+        // backend).
+        read_timeout = (config.clamd.io_timeout.0.as_secs())
+            .max(config.min_upload_window.0.as_secs() * 2)
+            .max(300),
         cache = if config.managed.disable_cache {
             "yes"
         } else {
@@ -447,6 +472,7 @@ mod tests {
             Path::new("/d/clamd.sock"),
             Path::new("/d/clamd.pid"),
             Path::new("/d/db"),
+            Path::new("/d/tmp"),
             config.max_size.0 + 1,
         );
         for line in [
@@ -454,7 +480,9 @@ mod tests {
             "AlertEncrypted yes",
             "LocalSocket /d/clamd.sock",
             "DatabaseDirectory /d/db",
-            "MaxFileSize 157286400",
+            "MaxFileSize 629145600",
+            "MaxScanSize 629145600",
+            "TemporaryDirectory /d/tmp",
             "StreamMaxLength 157286401",
             "MaxThreads 8",
             "MaxScanTime 120000",

@@ -27,6 +27,15 @@ pub enum BodyError {
     /// The body could not be read (client went away, bad chunked encoding).
     #[error("{0}")]
     Read(String),
+    /// The client sent too slowly.
+    #[error("the upload was slower than {} bytes/s over {}s", .0.min_bytes_per_sec, .0.window.as_secs())]
+    TooSlow(crate::perimeter::slowbody::TooSlow),
+}
+
+impl From<crate::perimeter::slowbody::TooSlow> for BodyError {
+    fn from(e: crate::perimeter::slowbody::TooSlow) -> BodyError {
+        BodyError::TooSlow(e)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,10 +88,9 @@ where
     let mut pending = BytesMut::new();
     futures_util::pin_mut!(body);
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| match e {
-            BodyError::TooLarge => PipelineError::TooLarge { limit: max_size },
-            other => PipelineError::Body(other),
-        })?;
+        // BodyError::TooLarge is the whole request crossing its limit
+        // (several files); this file's own limit is counted just below.
+        let chunk = chunk.map_err(PipelineError::Body)?;
         size += chunk.len() as u64;
         if size > max_size {
             return Err(PipelineError::TooLarge { limit: max_size });

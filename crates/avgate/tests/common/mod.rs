@@ -170,7 +170,15 @@ pub fn config(backends: &[String]) -> Config {
     c.listen = "127.0.0.1:0".parse().unwrap();
     c.clamd.backends = backends.to_vec();
     c.clamd.health_interval = Humantime(Duration::from_millis(400));
+    // Tests of other features send bursts from one address; the rate
+    // limits have tests of their own.
+    c.rate_limit.enabled = false;
+    // Likewise tokens (tests/auth.rs turns them on); the listener is
+    // loopback, where that is allowed.
+    c.auth.required = false;
     c.data_dir = std::env::temp_dir().join("avgate-test-unused");
+    // Tests run side by side: never the fixed default port.
+    c.metrics.listen = "127.0.0.1:0".parse().unwrap();
     c
 }
 
@@ -181,6 +189,10 @@ pub fn mib(n: u64) -> ByteSize {
 /// avgate running in this process.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The plain-HTTP listener (`http_listen`), if any.
+    pub http_addr: Option<SocketAddr>,
+    /// The metrics listener, unless disabled.
+    pub metrics_addr: Option<SocketAddr>,
     pub client: reqwest::Client,
     running: Option<avgate::app::Running>,
 }
@@ -198,6 +210,8 @@ impl Gateway {
         let running = avgate::app::start(config).await.expect("avgate starts");
         Gateway {
             addr: running.addr,
+            http_addr: running.http_addr,
+            metrics_addr: running.metrics_addr,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
                 .build()

@@ -1,0 +1,434 @@
+//! API tokens: who is calling, what they may do, how much they have used.
+//!
+//! # Layout
+//! - [`token`]: the token format (prefix, 256 random bits, CRC32 checksum),
+//!   its hash, the constant-time comparison. No I/O.
+//! - [`Auth`] (here): turns a request's `Authorization` header into a
+//!   [`Principal`], or a [`Refusal`] that the client sees as one 401.
+//! - [`extract`]: the axum extractors. [`Principal`] on scan routes;
+//!   [`AdminPrincipal`], which only an admin-scoped token yields, on the
+//!   admin API: an admin operation cannot be reached without one.
+//! - [`quota`]: monthly file and byte quotas, per-token concurrency.
+//! - [`manage`]: create, list, revoke, usage: shared by the CLI and the
+//!   admin API, audited.
+//! - [`audit`]: the audit trail (store + JSON lines with target `audit`).
+//! - [`cli`]: `avgate token ...`.
+//!
+//! Rate limits and address lists are the perimeter's
+//! ([`crate::perimeter`]); a [`Principal`] carries the token's own
+//! settings for them ([`Principal::rate`], [`Principal::allow_ips`]).
+
+pub mod audit;
+pub mod cli;
+pub mod extract;
+pub mod manage;
+pub mod quota;
+pub mod token;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::http::error::ApiError;
+use crate::store::{clock, Store, StoreError, TokenRecord};
+use token::{FormatError, Token, TokenHash};
+
+/// What a token may do. `admin` includes `scan`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Scan,
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Scan => "scan",
+            Scope::Admin => "admin",
+        }
+    }
+
+    /// Whether a token of this scope may do what `needed` covers.
+    pub fn allows(self, needed: Scope) -> bool {
+        match needed {
+            Scope::Scan => true,
+            Scope::Admin => self == Scope::Admin,
+        }
+    }
+}
+
+impl FromStr for Scope {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Scope, String> {
+        match s {
+            "scan" => Ok(Scope::Scan),
+            "admin" => Ok(Scope::Admin),
+            other => Err(format!("unknown scope {other:?} (scan or admin)")),
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A token's own request rate: a token bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RateSpec {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+/// Monthly quotas (calendar months, UTC). `None`: unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Quotas {
+    pub monthly_files: Option<u64>,
+    pub monthly_bytes: Option<u64>,
+}
+
+/// Who is calling, as established by the auth extractor. Every principal
+/// may scan; admin rights come only as an [`AdminPrincipal`].
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// `None` when authentication is disabled and no token was sent.
+    pub token_id: Option<String>,
+    pub name: String,
+    pub scope: Scope,
+    /// The token's own rate; `None`: the configured default applies.
+    pub rate: Option<RateSpec>,
+    /// Addresses the token may be used from; empty: any.
+    pub allow_ips: Vec<IpNet>,
+    pub quotas: Quotas,
+    /// Scans at once for this token; `None`: only the global limit.
+    pub max_concurrent: Option<usize>,
+    /// Unix seconds.
+    pub expires_at: Option<i64>,
+}
+
+impl Principal {
+    /// The caller when authentication is disabled and no token was sent.
+    pub fn anonymous() -> Principal {
+        Principal {
+            token_id: None,
+            name: "anonymous".into(),
+            scope: Scope::Scan,
+            rate: None,
+            allow_ips: Vec::new(),
+            quotas: Quotas::default(),
+            max_concurrent: None,
+            expires_at: None,
+        }
+    }
+
+    fn from_record(t: &TokenRecord) -> Principal {
+        Principal {
+            token_id: Some(t.id.clone()),
+            name: t.name.clone(),
+            scope: t.scope,
+            rate: t.rate,
+            allow_ips: t.allow_ips.clone(),
+            quotas: Quotas {
+                monthly_files: t.monthly_files,
+                monthly_bytes: t.monthly_bytes,
+            },
+            max_concurrent: t.max_concurrent,
+            expires_at: t.expires_at,
+        }
+    }
+}
+
+/// A principal with the admin scope. Its only constructor checks the scope,
+/// so a handler that takes one cannot run for anybody else.
+#[derive(Debug, Clone)]
+pub struct AdminPrincipal(Principal);
+
+impl AdminPrincipal {
+    pub fn check(principal: &Principal) -> Option<AdminPrincipal> {
+        (principal.token_id.is_some() && principal.scope.allows(Scope::Admin))
+            .then(|| AdminPrincipal(principal.clone()))
+    }
+
+    pub fn principal(&self) -> &Principal {
+        &self.0
+    }
+
+    /// The admin token's id.
+    pub fn token_id(&self) -> &str {
+        self.0.token_id.as_deref().unwrap_or_default()
+    }
+}
+
+/// Why a request was not authenticated. The reason goes to the audit
+/// trail; the client gets one indistinguishable 401 for all but
+/// `TokenInQuery` (its own 400, so the mistake can be fixed) and
+/// `WrongScope` (403), and 503 when the store failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    Missing,
+    /// Not `Bearer <token>`, or not a token's shape.
+    Malformed,
+    Checksum,
+    Unknown,
+    Revoked,
+    Expired,
+    WrongScope,
+    TokenInQuery,
+    StoreFailed,
+}
+
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::Missing => "missing",
+            RefusalReason::Malformed => "malformed",
+            RefusalReason::Checksum => "bad_checksum",
+            RefusalReason::Unknown => "unknown",
+            RefusalReason::Revoked => "revoked",
+            RefusalReason::Expired => "expired",
+            RefusalReason::WrongScope => "wrong_scope",
+            RefusalReason::TokenInQuery => "token_in_query",
+            RefusalReason::StoreFailed => "store_failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub reason: RefusalReason,
+    /// The token concerned, when it was found (revoked, expired, scope).
+    pub token_id: Option<String>,
+}
+
+impl Refusal {
+    fn new(reason: RefusalReason) -> Refusal {
+        Refusal {
+            reason,
+            token_id: None,
+        }
+    }
+
+    pub fn into_api_error(self) -> ApiError {
+        match self.reason {
+            RefusalReason::TokenInQuery => ApiError::bad_request(
+                "token_in_query",
+                "API tokens in the URL end up in logs and browser histories and are refused; \
+                 send it as \"Authorization: Bearer <token>\" (and consider this token leaked)",
+            ),
+            RefusalReason::WrongScope => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this token's scope does not allow this operation",
+            ),
+            RefusalReason::StoreFailed => store_unavailable(),
+            _ => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid API token is required: send \"Authorization: Bearer <token>\"",
+            ),
+        }
+    }
+}
+
+pub(crate) fn store_unavailable() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "the token store is unavailable; nothing was scanned",
+    )
+}
+
+pub(crate) fn store_failed(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "state store failed");
+    store_unavailable()
+}
+
+/// Query parameters that look like a credential.
+const QUERY_TOKEN_KEYS: &[&str] = &[
+    "token",
+    "access_token",
+    "api_key",
+    "apikey",
+    "api-key",
+    "auth",
+    "auth_token",
+    "authorization",
+    "bearer",
+];
+
+/// The authenticator: the store, the policy, the per-token concurrency
+/// limits. One per process, shared by all requests.
+pub struct Auth {
+    pub store: Arc<dyn Store>,
+    /// `auth.required`: without it, a request with no token is
+    /// [`Principal::anonymous`]. A token that is sent is checked either way.
+    pub required: bool,
+    concurrency: quota::Concurrency,
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Auth")
+            .field("required", &self.required)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Auth {
+    pub fn new(store: Arc<dyn Store>, required: bool) -> Auth {
+        Auth {
+            store,
+            required,
+            concurrency: quota::Concurrency::default(),
+        }
+    }
+
+    /// Establishes who sent a request with these headers and URI.
+    pub async fn authenticate(&self, headers: &HeaderMap, uri: &Uri) -> Result<Principal, Refusal> {
+        if token_in_query(uri.query()) {
+            return Err(Refusal::new(RefusalReason::TokenInQuery));
+        }
+        let mut values = headers.get_all(header::AUTHORIZATION).iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            if headers.contains_key(header::AUTHORIZATION) {
+                return Err(Refusal::new(RefusalReason::Malformed));
+            }
+            return if self.required {
+                Err(Refusal::new(RefusalReason::Missing))
+            } else {
+                Ok(Principal::anonymous())
+            };
+        };
+        let presented = bearer(value.as_bytes()).ok_or(Refusal::new(RefusalReason::Malformed))?;
+        let token = Token::parse(presented).map_err(|e| {
+            Refusal::new(match e {
+                FormatError::Malformed => RefusalReason::Malformed,
+                FormatError::Checksum => RefusalReason::Checksum,
+            })
+        })?;
+        self.verify(&token).await
+    }
+
+    /// Looks the token up by its hash and checks that it is live.
+    async fn verify(&self, token: &Token) -> Result<Principal, Refusal> {
+        let hash = token.hash();
+        let found = self.store.token_by_hash(&hash).await.map_err(|e| {
+            tracing::error!(error = %e, "state store failed during authentication");
+            Refusal::new(RefusalReason::StoreFailed)
+        })?;
+        // The lookup is by hash, so an unknown token costs the same
+        // comparison as a known one, against a hash nobody has.
+        let stored = found.as_ref().map(|t| t.hash).unwrap_or(TokenHash([0; 32]));
+        let matches = stored.ct_eq(&hash);
+        let Some(record) = found.filter(|_| matches) else {
+            return Err(Refusal::new(RefusalReason::Unknown));
+        };
+        let refuse = |reason| Refusal {
+            reason,
+            token_id: Some(record.id.clone()),
+        };
+        if record.revoked_at.is_some() {
+            return Err(refuse(RefusalReason::Revoked));
+        }
+        if record.is_expired(clock::now()) {
+            return Err(refuse(RefusalReason::Expired));
+        }
+        Ok(Principal::from_record(&record))
+    }
+}
+
+/// The token in an `Authorization: Bearer <token>` value (RFC 6750: the
+/// scheme is case-insensitive).
+fn bearer(value: &[u8]) -> Option<&str> {
+    let value = std::str::from_utf8(value).ok()?.trim();
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim_start();
+    (!token.is_empty() && !token.contains(char::is_whitespace)).then_some(token)
+}
+
+/// Whether a query string carries a credential: a well-known parameter
+/// name, or one of our tokens (checksum and all) under any name.
+fn token_in_query(query: Option<&str>) -> bool {
+    let Some(query) = query else { return false };
+    query.split('&').any(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = key.to_ascii_lowercase();
+        QUERY_TOKEN_KEYS.contains(&key.as_str()) || contains_token(value)
+    })
+}
+
+/// Whether `s` (a raw query value) holds a well-formed token. The checksum
+/// keeps `?filename=q3_avg_revenue.csv` from looking like one.
+fn contains_token(s: &str) -> bool {
+    let s = s.replace("%5F", "_").replace("%5f", "_");
+    s.match_indices(token::PREFIX).any(|(i, _)| {
+        s.get(i..i + token::TOKEN_LEN)
+            .is_some_and(|candidate| Token::parse(candidate).is_ok())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_values() {
+        assert_eq!(bearer(b"Bearer abc"), Some("abc"));
+        assert_eq!(bearer(b"bearer   abc "), Some("abc"));
+        assert_eq!(bearer(b"BEARER abc"), Some("abc"));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bearer"), None);
+        assert_eq!(bearer(b"Bearer "), None);
+        assert_eq!(bearer(b"Bearer a b"), None);
+        assert_eq!(bearer(b"abc"), None);
+        assert_eq!(bearer(b"Bearer \xff"), None);
+    }
+
+    #[test]
+    fn tokens_in_the_query_string_are_spotted() {
+        let t = Token::generate().unwrap();
+        let t = t.expose();
+        for q in [
+            "token=x".to_owned(),
+            "filename=a.pdf&access_token=x".into(),
+            "API_KEY=x".into(),
+            "apikey".into(),
+            format!("x={t}"),
+            format!("filename=a.pdf&x={}", t.replace('_', "%5F")),
+            format!("note=my+token+is+{t}+ok"),
+        ] {
+            assert!(token_in_query(Some(&q)), "{q}");
+        }
+        for q in [
+            "filename=report.pdf",
+            "",
+            "tokens_total=1",
+            "filename=q3_avg_revenue_by_region_and_product_line_2026_final.csv",
+            "x=avg_",
+        ] {
+            assert!(!token_in_query(Some(q)), "{q}");
+        }
+        assert!(!token_in_query(None));
+    }
+
+    #[test]
+    fn scopes() {
+        assert!(Scope::Admin.allows(Scope::Scan));
+        assert!(Scope::Admin.allows(Scope::Admin));
+        assert!(Scope::Scan.allows(Scope::Scan));
+        assert!(!Scope::Scan.allows(Scope::Admin));
+        assert_eq!("admin".parse::<Scope>().unwrap(), Scope::Admin);
+        assert!("root".parse::<Scope>().is_err());
+        assert!(AdminPrincipal::check(&Principal::anonymous()).is_none());
+    }
+}

@@ -1,0 +1,188 @@
+//! Monthly quotas and per-token concurrency.
+//!
+//! A scan request first takes a [`Meter`] ([`Auth::meter`]): a slot among
+//! the token's `max_concurrent`, and a check that the month's quotas are
+//! not used up (for bytes: that the request's Content-Length fits in what
+//! is left). Then each file takes a [`FileReservation`]: one file counted,
+//! atomically and only below the file quota, before it is scanned, so
+//! that concurrent requests cannot overshoot. A scanned file commits its
+//! reservation with its real size; one that was not scanned gives it back.
+//!
+//! Every token's use is counted, with or without quotas, so that
+//! `avgate token usage` answers for all of them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::http::StatusCode;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::{store_failed, Auth, Principal, Quotas};
+use crate::http::error::ApiError;
+use crate::store::clock::{self, Month};
+use crate::store::Store;
+
+/// Seconds a client is told to wait when its token's scans are all busy.
+const CONCURRENCY_RETRY_SECS: u64 = 1;
+
+/// One semaphore per token that has a `max_concurrent`. Tokens are few and
+/// their limit never changes, so entries are kept for the process's life.
+#[derive(Default)]
+pub struct Concurrency {
+    slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Concurrency {
+    fn try_acquire(&self, token_id: &str, max: usize) -> Option<OwnedSemaphorePermit> {
+        let semaphore = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(token_id.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(max)))
+            .clone();
+        semaphore.try_acquire_owned().ok()
+    }
+}
+
+/// Quota accounting for one request.
+pub struct Meter {
+    /// `None`: anonymous, nothing to count.
+    token: Option<Counted>,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+struct Counted {
+    store: Arc<dyn Store>,
+    id: String,
+    month: Month,
+    quotas: Quotas,
+}
+
+impl Auth {
+    /// Checks the token's concurrency and its quotas before a request's
+    /// body is read. `declared` is the request's Content-Length.
+    pub async fn meter(
+        &self,
+        principal: &Principal,
+        declared: Option<u64>,
+    ) -> Result<Meter, ApiError> {
+        let Some(id) = principal.token_id.clone() else {
+            return Ok(Meter {
+                token: None,
+                _slot: None,
+            });
+        };
+        let slot = match principal.max_concurrent {
+            Some(max) => Some(
+                self.concurrency
+                    .try_acquire(&id, max)
+                    .ok_or_else(|| concurrency_limit(max))?,
+            ),
+            None => None,
+        };
+        let month = Month::current();
+        let quotas = principal.quotas;
+        if quotas.monthly_files.is_some() || quotas.monthly_bytes.is_some() {
+            let used = self.store.usage(&id, month).await.map_err(store_failed)?;
+            if let Some(max) = quotas.monthly_files {
+                if used.files >= max {
+                    return Err(quota_exceeded(month, format!("{max} files")));
+                }
+            }
+            if let Some(max) = quotas.monthly_bytes {
+                let would_be = used.bytes.saturating_add(declared.unwrap_or(0));
+                if used.bytes >= max || would_be > max {
+                    return Err(quota_exceeded(month, format!("{max} bytes")));
+                }
+            }
+        }
+        Ok(Meter {
+            token: Some(Counted {
+                store: self.store.clone(),
+                id,
+                month,
+                quotas,
+            }),
+            _slot: slot,
+        })
+    }
+}
+
+impl Meter {
+    /// Counts one file before it is scanned; refuses past the file quota.
+    pub async fn reserve_file(&self) -> Result<FileReservation, ApiError> {
+        let Some(t) = &self.token else {
+            return Ok(FileReservation { held: None });
+        };
+        let limit = t.quotas.monthly_files;
+        if !t
+            .store
+            .reserve_file(&t.id, t.month, limit)
+            .await
+            .map_err(store_failed)?
+        {
+            let max = limit.unwrap_or_default();
+            return Err(quota_exceeded(t.month, format!("{max} files")));
+        }
+        Ok(FileReservation {
+            held: Some((t.store.clone(), t.id.clone(), t.month)),
+        })
+    }
+}
+
+/// One file counted against a quota. [`FileReservation::commit`] once it is
+/// scanned; dropped without it (the scan failed), the file is given back.
+#[must_use = "commit the reservation once the file is scanned"]
+pub struct FileReservation {
+    held: Option<(Arc<dyn Store>, String, Month)>,
+}
+
+impl FileReservation {
+    /// The file was scanned: keep it counted and add its bytes.
+    pub async fn commit(mut self, bytes: u64) {
+        if let Some((store, id, month)) = self.held.take() {
+            if let Err(e) = store.add_bytes(&id, month, bytes).await {
+                tracing::error!(error = %e, token_id = %id, "cannot count scanned bytes");
+            }
+        }
+    }
+}
+
+impl Drop for FileReservation {
+    fn drop(&mut self) {
+        let Some((store, id, month)) = self.held.take() else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = store.release_file(&id, month).await {
+                    tracing::error!(error = %e, token_id = %id, "cannot give back an unscanned file's quota");
+                }
+            });
+        }
+    }
+}
+
+fn quota_exceeded(month: Month, what: String) -> ApiError {
+    let next = month.next();
+    let retry = (next.start() - clock::now()).max(1) as u64;
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "quota_exceeded",
+        format!(
+            "this token's monthly quota ({what}) is used up for {month}; it resets on {}",
+            clock::rfc3339(next.start())
+        ),
+    )
+    .with_retry_after(retry)
+}
+
+fn concurrency_limit(max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "token_concurrency_limit",
+        format!("this token already has {max} scans in progress; retry when one is done"),
+    )
+    .with_retry_after(CONCURRENCY_RETRY_SECS)
+}

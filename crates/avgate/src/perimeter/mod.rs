@@ -1,0 +1,238 @@
+//! The perimeter: what every request to a protected route goes through
+//! before any of its body is read.
+//!
+//! 1. the client address (the socket peer, or behind a trusted proxy the
+//!    right-most untrusted X-Forwarded-For hop),
+//! 2. the global allow and deny lists (403),
+//! 3. the failed-authentication limit per address (429, brute force),
+//! 4. the request rate per address (429),
+//! 5. after authentication: the token's own address list and rate
+//!    ([`Perimeter::check_token`]),
+//! 6. a deadline for the whole request (408); the minimum upload rate is
+//!    enforced on the body stream ([`slowbody::MinRate`]).
+
+pub mod network;
+pub mod ratelimit;
+pub mod slowbody;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use ipnet::IpNet;
+
+use crate::http::error::ApiError;
+use crate::http::ClientAddr;
+use network::IpPolicy;
+use ratelimit::{Decision, Limiter, Rate};
+
+/// A rate and a burst.
+#[derive(Debug, Clone, Copy)]
+pub struct RateSpec {
+    pub rate: Rate,
+    pub burst: u32,
+}
+
+#[derive(Debug)]
+pub struct Perimeter {
+    pub ip_policy: IpPolicy,
+    pub per_ip: Option<RateSpec>,
+    /// For tokens without a rate of their own.
+    pub per_token: Option<RateSpec>,
+    pub auth_failures: RateSpec,
+    pub request_timeout: Duration,
+    pub min_upload_rate: u64,
+    pub min_upload_window: Duration,
+    ip_limiter: Limiter<IpAddr>,
+    token_limiter: Limiter<String>,
+    auth_fail_limiter: Limiter<IpAddr>,
+}
+
+/// The client address as decided by the perimeter, for handlers and logs.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub IpAddr);
+
+/// Where the token check leaves its rate decision, so the middleware can
+/// put the RateLimit headers on the response.
+#[derive(Debug, Clone, Default)]
+pub struct RateSlot(Arc<Mutex<Option<Decision>>>);
+
+impl RateSlot {
+    fn set(&self, d: Decision) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+    }
+    fn get(&self) -> Option<Decision> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Perimeter {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ip_policy: IpPolicy,
+        per_ip: Option<RateSpec>,
+        per_token: Option<RateSpec>,
+        auth_failures: RateSpec,
+        request_timeout: Duration,
+        min_upload_rate: u64,
+        min_upload_window: Duration,
+    ) -> Perimeter {
+        Perimeter {
+            ip_policy,
+            per_ip,
+            per_token,
+            auth_failures,
+            request_timeout,
+            min_upload_rate,
+            min_upload_window,
+            ip_limiter: Limiter::new(),
+            token_limiter: Limiter::new(),
+            auth_fail_limiter: Limiter::new(),
+        }
+    }
+
+    /// The checks that need a token: its own address list and its rate.
+    /// `rate` is the token's own; without one the default applies.
+    pub fn check_token(
+        &self,
+        request: &axum::http::request::Parts,
+        token_id: &str,
+        allow_ips: &[IpNet],
+        rate: Option<RateSpec>,
+    ) -> Result<(), ApiError> {
+        let ip = client_ip_of(request);
+        if !allow_ips.is_empty() && !network::contains(allow_ips, ip) {
+            tracing::warn!(target: "audit", client = %ip, token_id, "address not allowed for this token");
+            return Err(forbidden_ip());
+        }
+        let Some(spec) = rate.or(self.per_token) else {
+            return Ok(());
+        };
+        let decision = self
+            .token_limiter
+            .check(&token_id.to_owned(), spec.rate, spec.burst);
+        if let Some(slot) = request.extensions.get::<RateSlot>() {
+            slot.set(decision);
+        }
+        match decision {
+            Decision::Allowed { .. } => Ok(()),
+            Decision::Limited { retry_after, .. } => Err(rate_limited(
+                "rate_limited",
+                "too many requests for this token",
+                retry_after,
+            )),
+        }
+    }
+}
+
+fn client_ip_of(parts: &axum::http::request::Parts) -> IpAddr {
+    parts
+        .extensions
+        .get::<ClientIp>()
+        .map(|c| c.0)
+        .or_else(|| parts.extensions.get::<ClientAddr>().map(|c| c.0.ip()))
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+}
+
+fn forbidden_ip() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "ip_forbidden",
+        "requests from this address are not allowed",
+    )
+}
+
+fn rate_limited(code: &'static str, message: &str, retry_after: Duration) -> ApiError {
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message)
+        .with_retry_after(retry_after.as_secs().max(1))
+}
+
+/// The middleware on protected routes.
+pub async fn guard(State(p): State<Arc<Perimeter>>, mut request: Request, next: Next) -> Response {
+    // request_context has usually decided the address already.
+    let ip = match request.extensions().get::<ClientIp>() {
+        Some(c) => c.0,
+        None => {
+            let peer = request
+                .extensions()
+                .get::<ClientAddr>()
+                .map(|c| c.0)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+            let ip = p.ip_policy.client_ip(peer, request.headers());
+            request.extensions_mut().insert(ClientIp(ip));
+            ip
+        }
+    };
+
+    if !p.ip_policy.permits(ip) {
+        tracing::warn!(target: "audit", client = %ip, "refused: address not allowed");
+        return forbidden_ip().into_response();
+    }
+    let fails = p.auth_failures;
+    if let Decision::Limited { retry_after, .. } =
+        p.auth_fail_limiter.peek(&ip, fails.rate, fails.burst)
+    {
+        return rate_limited(
+            "too_many_auth_failures",
+            "too many failed authentications from this address",
+            retry_after,
+        )
+        .into_response();
+    }
+    let ip_decision = p.per_ip.map(|s| p.ip_limiter.check(&ip, s.rate, s.burst));
+    if let Some(Decision::Limited { retry_after, .. }) = ip_decision {
+        let mut response = rate_limited(
+            "rate_limited",
+            "too many requests from this address",
+            retry_after,
+        )
+        .into_response();
+        set_rate_headers(response.headers_mut(), ip_decision);
+        return response;
+    }
+
+    let slot = RateSlot::default();
+    request.extensions_mut().insert(slot.clone());
+    let mut response = match tokio::time::timeout(p.request_timeout, next.run(request)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request took longer than {}s",
+                p.request_timeout.as_secs()
+            ),
+        )
+        .into_response(),
+    };
+    if response.status() == StatusCode::UNAUTHORIZED {
+        p.auth_fail_limiter.check(&ip, fails.rate, fails.burst);
+    }
+    // The token's bucket is the one that matters to a partner; without a
+    // token, the address's.
+    set_rate_headers(response.headers_mut(), slot.get().or(ip_decision));
+    response
+}
+
+/// `RateLimit-Limit`, `-Remaining`, `-Reset` (IETF httpapi draft names).
+fn set_rate_headers(headers: &mut HeaderMap, decision: Option<Decision>) {
+    let (limit, remaining, reset) = match decision {
+        Some(Decision::Allowed {
+            limit,
+            remaining,
+            reset,
+        }) => (limit, remaining, reset),
+        Some(Decision::Limited { limit, retry_after }) => (limit, 0, retry_after),
+        None => return,
+    };
+    headers.insert("ratelimit-limit", HeaderValue::from(limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
+    headers.insert(
+        "ratelimit-reset",
+        HeaderValue::from(reset.as_secs_f64().ceil() as u64),
+    );
+}

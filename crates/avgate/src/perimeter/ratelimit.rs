@@ -1,0 +1,222 @@
+//! Keyed token buckets: per client address, per token, per address for
+//! failed authentications.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A rate written as `10/s`, `600/m` or `1000/h`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+}
+
+impl FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (n, unit) = s
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected a rate like 10/s, 600/m or 1000/h"))?;
+        let n: f64 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: {n:?} is not a number"))?;
+        let seconds = match unit.trim() {
+            "s" | "sec" | "second" => 1.0,
+            "m" | "min" | "minute" => 60.0,
+            "h" | "hour" => 3600.0,
+            "d" | "day" => 86400.0,
+            other => return Err(format!("{s:?}: unknown unit {other:?} (use s, m, h or d)")),
+        };
+        if !(n.is_finite() && n > 0.0) {
+            return Err(format!("{s:?}: the rate must be above 0"));
+        }
+        Ok(Rate {
+            per_second: n / seconds,
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a bucket said.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision {
+    Allowed {
+        limit: u32,
+        remaining: u32,
+        /// Until the bucket is full again.
+        reset: Duration,
+    },
+    Limited {
+        limit: u32,
+        retry_after: Duration,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// Most keys kept before full (idle) buckets are dropped. A full bucket
+/// carries no information, so dropping it changes no decision.
+const MAX_KEYS: usize = 100_000;
+
+/// Token buckets by key. `check` takes one token if there is one.
+#[derive(Debug)]
+pub struct Limiter<K> {
+    buckets: Mutex<HashMap<K, Bucket>>,
+}
+
+impl<K: Eq + Hash + Clone> Default for Limiter<K> {
+    fn default() -> Self {
+        Limiter {
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone> Limiter<K> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes one token from `key`'s bucket (rate `rate`, capacity `burst`).
+    pub fn check(&self, key: &K, rate: Rate, burst: u32) -> Decision {
+        self.check_at(key, rate, burst, Instant::now())
+    }
+
+    /// Like `check`, but only looks: no token is taken.
+    pub fn peek(&self, key: &K, rate: Rate, burst: u32) -> Decision {
+        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let bucket = buckets.get(key).copied().unwrap_or(Bucket {
+            tokens: f64::from(burst),
+            last: now,
+        });
+        let tokens = refill(bucket, rate, burst, now).tokens;
+        decide(tokens, rate, burst, false).0
+    }
+
+    fn check_at(&self, key: &K, rate: Rate, burst: u32, now: Instant) -> Decision {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_KEYS && !buckets.contains_key(key) {
+            buckets.retain(|_, b| refill(*b, rate, burst, now).tokens < f64::from(burst));
+        }
+        let bucket = buckets.entry(key.clone()).or_insert(Bucket {
+            tokens: f64::from(burst.max(1)),
+            last: now,
+        });
+        *bucket = refill(*bucket, rate, burst, now);
+        let (decision, take) = decide(bucket.tokens, rate, burst, true);
+        if take {
+            bucket.tokens -= 1.0;
+        }
+        decision
+    }
+}
+
+fn refill(b: Bucket, rate: Rate, burst: u32, now: Instant) -> Bucket {
+    let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
+    Bucket {
+        tokens: (b.tokens + elapsed * rate.per_second).min(f64::from(burst.max(1))),
+        last: now,
+    }
+}
+
+fn decide(tokens: f64, rate: Rate, burst: u32, taking: bool) -> (Decision, bool) {
+    let limit = burst.max(1);
+    if tokens >= 1.0 {
+        let after = if taking { tokens - 1.0 } else { tokens };
+        let reset = Duration::from_secs_f64((f64::from(limit) - after) / rate.per_second);
+        (
+            Decision::Allowed {
+                limit,
+                remaining: after.floor() as u32,
+                reset,
+            },
+            true,
+        )
+    } else {
+        let retry_after = Duration::from_secs_f64((1.0 - tokens) / rate.per_second);
+        (Decision::Limited { limit, retry_after }, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!("10/s".parse::<Rate>().unwrap().per_second, 10.0);
+        assert_eq!("60/m".parse::<Rate>().unwrap().per_second, 1.0);
+        assert!("10".parse::<Rate>().is_err());
+        assert!("0/s".parse::<Rate>().is_err());
+        assert!("10/week".parse::<Rate>().is_err());
+    }
+
+    #[test]
+    fn the_request_past_the_burst_is_limited_then_refills() {
+        let limiter = Limiter::new();
+        let rate: Rate = "10/s".parse().unwrap();
+        let t0 = Instant::now();
+        for i in 0..20 {
+            let d = limiter.check_at(&"k", rate, 20, t0);
+            assert!(
+                matches!(d, Decision::Allowed { remaining, .. } if remaining == 19 - i),
+                "{i}: {d:?}"
+            );
+        }
+        let Decision::Limited { retry_after, limit } = limiter.check_at(&"k", rate, 20, t0) else {
+            panic!("21st request allowed");
+        };
+        assert_eq!(limit, 20);
+        assert!(retry_after <= Duration::from_millis(100), "{retry_after:?}");
+        // Another key is not affected.
+        assert!(matches!(
+            limiter.check_at(&"other", rate, 20, t0),
+            Decision::Allowed { .. }
+        ));
+        // 100 ms later one token is back.
+        let later = t0 + Duration::from_millis(101);
+        assert!(matches!(
+            limiter.check_at(&"k", rate, 20, later),
+            Decision::Allowed { .. }
+        ));
+        assert!(matches!(
+            limiter.check_at(&"k", rate, 20, later),
+            Decision::Limited { .. }
+        ));
+    }
+
+    #[test]
+    fn peek_takes_nothing() {
+        let limiter = Limiter::new();
+        let rate: Rate = "1/m".parse().unwrap();
+        assert!(matches!(
+            limiter.peek(&1, rate, 1),
+            Decision::Allowed { .. }
+        ));
+        assert!(matches!(
+            limiter.check(&1, rate, 1),
+            Decision::Allowed { .. }
+        ));
+        assert!(matches!(
+            limiter.peek(&1, rate, 1),
+            Decision::Limited { .. }
+        ));
+    }
+}

@@ -1,0 +1,860 @@
+//! API tokens against a real clamd: bad credentials of every kind are
+//! refused on every scan route, quotas stop at exactly their number, the
+//! per-token concurrency limit holds, the admin API works only for admin
+//! tokens, and the real binary never writes a token to its logs.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use avgate::auth::manage::{self, Actor, TokenOptions};
+use avgate::auth::token::Token;
+use avgate::config::Config;
+use avgate::store::{clock, SqliteStore, Store};
+use common::*;
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
+use serde_json::{json, Value};
+
+const SCAN_ROUTES: &[&str] = &["/v1/scan", "/scan", "/v1/scan/batch", "/v1/scan/raw"];
+
+/// A gateway with tokens required, its store in `dir`, and the
+/// failed-authentication limit out of the way (it has its own tests):
+/// here every refusal must be the auth extractor's.
+fn auth_config(clamd: &Clamd, dir: &Path) -> Config {
+    let mut c = config(&[clamd.address()]);
+    c.auth.required = true;
+    c.data_dir = dir.to_owned();
+    c.rate_limit.auth_failures = "100000/s".parse().unwrap();
+    c.rate_limit.auth_failures_burst = 1_000_000;
+    c
+}
+
+/// Creates a token in the store, as `avgate token create` does.
+async fn issue(
+    store: &SqliteStore,
+    name: &str,
+    edit: impl FnOnce(&mut TokenOptions),
+) -> (String, String) {
+    let mut options = TokenOptions {
+        name: name.into(),
+        ..Default::default()
+    };
+    edit(&mut options);
+    let spec = options.validate(clock::now()).unwrap();
+    let created = manage::create(store, spec, &Actor::cli()).await.unwrap();
+    (created.token.expose().to_owned(), created.view.id)
+}
+
+/// Credentials as sent: zero or more `Authorization` values.
+type Creds = Vec<HeaderValue>;
+
+fn bearer(token: &str) -> Creds {
+    vec![HeaderValue::from_str(&format!("Bearer {token}")).unwrap()]
+}
+
+/// POSTs `data` to a scan route (multipart or raw, as the route wants).
+async fn post(gw: &Gateway, path: &str, creds: &Creds, data: &[u8]) -> (u16, Value, HeaderMap) {
+    let mut request = gw.client.post(gw.url(path));
+    for value in creds {
+        request = request.header(AUTHORIZATION, value.clone());
+    }
+    request = if path.ends_with("/raw") || path.contains("/raw?") {
+        request
+            .header("content-type", "application/octet-stream")
+            .body(data.to_vec())
+    } else {
+        let part = reqwest::multipart::Part::bytes(data.to_vec()).file_name("f.bin");
+        request.multipart(reqwest::multipart::Form::new().part("file", part))
+    };
+    let r = request.send().await.expect("request");
+    let headers = r.headers().clone();
+    let (status, body) = json(r).await;
+    (status, body, headers)
+}
+
+async fn admin(
+    gw: &Gateway,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut request = gw
+        .client
+        .request(method, gw.url(path))
+        .header(AUTHORIZATION, format!("Bearer {token}"));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    json(request.send().await.unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_bad_credential_is_ever_accepted() {
+    let clamd = Clamd::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let (good, _) = issue(&store, "good", |_| {}).await;
+    let (revoked, revoked_id) = issue(&store, "revoked", |_| {}).await;
+    manage::revoke(&store, &revoked_id, &Actor::cli())
+        .await
+        .unwrap();
+    let (expired, expired_id) = {
+        let spec = TokenOptions {
+            name: "expired".into(),
+            ..Default::default()
+        }
+        .validate(0)
+        .map(|mut s| {
+            s.expires_at = Some(clock::now() - 1);
+            s
+        })
+        .unwrap();
+        let c = manage::create(&store, spec, &Actor::cli()).await.unwrap();
+        (c.token.expose().to_owned(), c.view.id)
+    };
+    let gw = Gateway::start(auth_config(&clamd, dir.path())).await;
+
+    // The control: the good token scans on every route.
+    for path in SCAN_ROUTES {
+        let (status, body, _) = post(&gw, path, &bearer(&good), EICAR).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+
+    let unknown = Token::generate().unwrap().expose().to_owned();
+    let mut wrong_checksum = good.clone().into_bytes();
+    let last = wrong_checksum.len() - 1;
+    wrong_checksum[last] = if wrong_checksum[last] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
+    let wrong_checksum = String::from_utf8(wrong_checksum).unwrap();
+    let mut flipped_body = good.clone().into_bytes();
+    flipped_body[10] = if flipped_body[10] == b'x' { b'y' } else { b'x' };
+    let flipped_body = String::from_utf8(flipped_body).unwrap();
+    let header = |s: &str| vec![HeaderValue::from_str(s).unwrap()];
+    let mut attempts: Vec<(&str, Creds)> = vec![
+        ("absent", vec![]),
+        ("empty", header("")),
+        ("scheme only", header("Bearer")),
+        ("basic", header("Basic Z29vZDpwYXNzd29yZA==")),
+        ("no scheme", header(&good)),
+        ("other scheme", header(&format!("Token {good}"))),
+        ("trailing junk", header(&format!("Bearer {good} x"))),
+        ("one char more", header(&format!("Bearer {good}0"))),
+        (
+            "truncated",
+            header(&format!("Bearer {}", &good[..good.len() - 1])),
+        ),
+        ("prefix only", header("Bearer avg_")),
+        (
+            "upper-case prefix",
+            header(&format!("Bearer AVG_{}", &good[4..])),
+        ),
+        ("wrong checksum", bearer(&wrong_checksum)),
+        ("a changed character", bearer(&flipped_body)),
+        ("unknown", bearer(&unknown)),
+        ("revoked", bearer(&revoked)),
+        ("expired", bearer(&expired)),
+        (
+            "not ascii",
+            vec![HeaderValue::from_bytes(b"Bearer avg_\xe9\xe9").unwrap()],
+        ),
+        (
+            "good and bad",
+            vec![bearer(&good).remove(0), bearer(&unknown).remove(0)],
+        ),
+    ];
+    // Many random tokens with a valid checksum: none is known.
+    let random: Vec<String> = (0..100)
+        .map(|_| Token::generate().unwrap().expose().to_owned())
+        .collect();
+    for t in &random {
+        attempts.push(("random", bearer(t)));
+    }
+
+    let mut messages = std::collections::HashSet::new();
+    for round in 0..3 {
+        for (what, creds) in &attempts {
+            if *what == "random" && round > 0 {
+                continue;
+            }
+            for path in SCAN_ROUTES {
+                let (status, body, headers) = post(&gw, path, creds, EICAR).await;
+                assert_eq!(status, 401, "{what} on {path}: {body}");
+                assert_eq!(body["status"], "ERROR", "{what}");
+                assert_eq!(body["error"]["code"], "unauthorized", "{what}: {body}");
+                assert!(
+                    headers["www-authenticate"]
+                        .to_str()
+                        .unwrap()
+                        .starts_with("Bearer"),
+                    "{what}"
+                );
+                messages.insert(body.to_string());
+            }
+        }
+    }
+    assert_eq!(messages.len(), 1, "refusals must look alike: {messages:?}");
+
+    // A token in the query string is refused, even a good one, even with
+    // a good header.
+    for (query, creds) in [
+        (format!("token={good}"), vec![]),
+        (format!("access_token={good}"), bearer(&good)),
+        (format!("api_key={good}"), vec![]),
+        (format!("filename=a.txt&t={good}"), bearer(&good)),
+        ("apikey=whatever".to_owned(), bearer(&good)),
+    ] {
+        for path in SCAN_ROUTES {
+            let url = format!("{path}?{query}");
+            let (status, body, _) = post(&gw, &url, &creds, EICAR).await;
+            assert_eq!(status, 400, "{url}: {body}");
+            assert_eq!(body["error"]["code"], "token_in_query", "{url}");
+        }
+    }
+
+    // Wrong scope: a scan token does not reach the admin API.
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/admin/tokens"),
+        (reqwest::Method::POST, "/v1/admin/tokens"),
+        (reqwest::Method::DELETE, "/v1/admin/tokens/good"),
+        (reqwest::Method::GET, "/v1/admin/tokens/good/usage"),
+        (reqwest::Method::GET, "/v1/admin/audit"),
+    ] {
+        let body =
+            (method == reqwest::Method::POST).then(|| json!({"name": "sneaky", "scope": "admin"}));
+        let (status, answer) = admin(&gw, method.clone(), path, &good, body).await;
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+        assert_eq!(answer["error"]["code"], "forbidden");
+        let r = gw
+            .client
+            .request(method.clone(), gw.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{method} {path} without a token");
+    }
+    assert!(
+        store.find_token("sneaky").await.unwrap().is_none(),
+        "a scan token created a token"
+    );
+    let (status, _, _) = post(&gw, "/v1/scan", &bearer(&good), EICAR).await;
+    assert_eq!(status, 200, "the good token still works");
+
+    // Public routes stay public.
+    for path in ["/healthz", "/readyz", "/version"] {
+        let r = gw.client.get(gw.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+
+    // Every refusal is in the audit trail, with its reason; no token is.
+    let audit = store.recent_audit(10_000).await.unwrap();
+    let refused: Vec<_> = audit.iter().filter(|r| r.event == "auth_refused").collect();
+    assert!(
+        refused.len() > 3 * 18 * 4,
+        "{} refusals recorded",
+        refused.len()
+    );
+    for reason in [
+        "missing",
+        "malformed",
+        "bad_checksum",
+        "unknown",
+        "revoked",
+        "expired",
+        "token_in_query",
+        "wrong_scope",
+    ] {
+        assert!(
+            refused
+                .iter()
+                .any(|r| r.detail.as_deref().unwrap_or("").starts_with(reason)),
+            "no {reason} refusal in the audit trail"
+        );
+    }
+    assert!(refused
+        .iter()
+        .any(|r| r.token_id.as_deref() == Some(revoked_id.as_str())));
+    assert!(refused
+        .iter()
+        .any(|r| r.token_id.as_deref() == Some(expired_id.as_str())));
+    let everything = format!("{audit:?}");
+    for secret in [&good, &revoked, &expired, &unknown] {
+        assert!(
+            !everything.contains(&secret[4..]),
+            "a token in the audit trail"
+        );
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_stop_at_exactly_their_number() {
+    let clamd = Clamd::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let (files3, files3_id) = issue(&store, "three-files", |o| o.monthly_files = Some(3)).await;
+    let (batch2, batch2_id) = issue(&store, "two-files", |o| o.monthly_files = Some(2)).await;
+    let (bytes100, bytes100_id) = issue(&store, "hundred-bytes", |o| {
+        o.monthly_bytes = Some(avgate::config::ByteSize(100))
+    })
+    .await;
+    let mut cfg = auth_config(&clamd, dir.path());
+    cfg.max_size = avgate::config::ByteSize(4096);
+    let gw = Gateway::start(cfg).await;
+    let month = clock::Month::current();
+
+    // Files: three scans, then 429 on every route.
+    for i in 0..3 {
+        let (status, body, _) = post(&gw, SCAN_ROUTES[i % 4], &bearer(&files3), b"clean").await;
+        assert_eq!(status, 200, "scan {i}: {body}");
+    }
+    for path in SCAN_ROUTES {
+        let (status, body, headers) = post(&gw, path, &bearer(&files3), b"clean").await;
+        assert_eq!(status, 429, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "quota_exceeded");
+        let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=31 * 86_400).contains(&retry), "{retry}");
+    }
+    let used = store.usage(&files3_id, month).await.unwrap();
+    assert_eq!((used.files, used.bytes), (3, 15));
+
+    // A batch of three with two files left: two scanned, the third refused,
+    // and the two results are in the answer.
+    let form = (0..3).fold(reqwest::multipart::Form::new(), |f, i| {
+        f.part(
+            "file",
+            reqwest::multipart::Part::bytes(b"clean".to_vec()).file_name(format!("{i}.txt")),
+        )
+    });
+    let r = gw
+        .client
+        .post(gw.url("/v1/scan/batch"))
+        .bearer_auth(&batch2)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "quota_exceeded");
+    assert_eq!(body["results"].as_array().unwrap().len(), 2, "{body}");
+    assert_eq!(store.usage(&batch2_id, month).await.unwrap().files, 2);
+
+    // Bytes: what Content-Length says must fit; the real size is counted.
+    for (size, want) in [(60, 200), (41, 429), (40, 200), (1, 429)] {
+        let (status, body, _) =
+            post(&gw, "/v1/scan/raw", &bearer(&bytes100), &vec![b'a'; size]).await;
+        assert_eq!(status, want, "{size} bytes: {body}");
+        if want == 429 {
+            assert_eq!(body["error"]["code"], "quota_exceeded");
+        }
+    }
+    let used = store.usage(&bytes100_id, month).await.unwrap();
+    assert_eq!((used.files, used.bytes), (2, 100));
+
+    // Refused requests count nothing.
+    let before = store.usage(&files3_id, month).await.unwrap();
+    let (status, _, _) = post(&gw, "/v1/scan/raw", &bearer(&files3), b"x").await;
+    assert_eq!(status, 429);
+    assert_eq!(store.usage(&files3_id, month).await.unwrap(), before);
+
+    // A file that was not scanned (over max_size, found out while
+    // streaming) gives its place in the quota back.
+    let (big, big_id) = issue(&store, "big-files", |o| o.monthly_files = Some(1)).await;
+    let over = vec![b'a'; 4096 + 1];
+    let (status, body, _) = post(&gw, "/v1/scan", &bearer(&big), &over).await;
+    assert_eq!(status, 413, "{body}");
+    let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(over.clone())]);
+    let r = gw
+        .client
+        .post(gw.url("/v1/scan/raw"))
+        .bearer_auth(&big)
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.usage(&big_id, month).await.unwrap().files != 0 {
+        assert!(Instant::now() < deadline, "the unscanned files still count");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body, _) = post(&gw, "/v1/scan", &bearer(&big), b"small").await;
+    assert_eq!(
+        status, 200,
+        "the one file of the quota is still there: {body}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_cannot_take_more_than_its_concurrent_scans() {
+    let clamd = Clamd::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let (one, one_id) = issue(&store, "one-at-a-time", |o| o.max_concurrent = Some(1)).await;
+    let (other, _) = issue(&store, "other", |_| {}).await;
+    let gw = Gateway::start(auth_config(&clamd, dir.path())).await;
+
+    // A slow upload holds the token's only slot.
+    let start_slow = || {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+        let request = gw
+            .client
+            .post(gw.url("/v1/scan/raw"))
+            .bearer_auth(&one)
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(tokio_stream_from(rx)));
+        let slow = tokio::spawn(async move { json(request.send().await.unwrap()).await });
+        (tx, slow)
+    };
+    let (mut tx, mut slow) = start_slow();
+    tx.send(Ok(b"first bytes ".to_vec())).await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if slow.is_finished() {
+            // It came while a probe below held the slot: it was refused
+            // as it should be. Start it again.
+            let (status, body) = slow.await.unwrap();
+            assert_eq!(status, 429, "{body}");
+            (tx, slow) = start_slow();
+            tx.send(Ok(b"first bytes ".to_vec())).await.unwrap();
+        }
+        let (status, body, headers) = post(&gw, "/v1/scan/raw", &bearer(&one), b"x").await;
+        if status == 429 && !slow.is_finished() {
+            assert_eq!(body["error"]["code"], "token_concurrency_limit", "{body}");
+            assert!(headers.contains_key("retry-after"));
+            break;
+        }
+        assert!(status == 200 || status == 429, "{body}");
+        assert!(
+            Instant::now() < deadline,
+            "the slow upload never held the slot"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another token is not held up.
+    let (status, body, _) = post(&gw, "/v1/scan/raw", &bearer(&other), b"x").await;
+    assert_eq!(status, 200, "{body}");
+
+    tx.send(Ok(EICAR.to_vec())).await.unwrap();
+    drop(tx);
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (status, body, _) = post(&gw, "/v1/scan/raw", &bearer(&one), b"x").await;
+    assert_eq!(status, 200, "the slot is free again: {body}");
+    assert!(
+        store
+            .usage(&one_id, clock::Month::current())
+            .await
+            .unwrap()
+            .files
+            >= 2
+    );
+    gw.stop().await;
+}
+
+/// A stream of the channel's items (reqwest wants a Stream).
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_creates_lists_revokes_and_reports_usage() {
+    use reqwest::Method;
+    let clamd = Clamd::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let (root, root_id) = issue(&store, "root", |o| {
+        o.scope = Some(avgate::auth::Scope::Admin)
+    })
+    .await;
+    let gw = Gateway::start(auth_config(&clamd, dir.path())).await;
+
+    let (status, created) = admin(
+        &gw,
+        Method::POST,
+        "/v1/admin/tokens",
+        &root,
+        Some(json!({
+            "name": "partner-a",
+            "expires": "90d",
+            "allow_ips": ["127.0.0.0/8", "::1"],
+            "monthly_files": 5,
+            "monthly_bytes": "1MiB",
+            "max_concurrent": 2
+        })),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let token = created["token"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("avg_") && Token::parse(&token).is_ok());
+    assert_eq!(created["scope"], "scan");
+    assert_eq!(created["status"], "active");
+    assert_eq!(created["monthly_files"], 5);
+    assert_eq!(created["monthly_bytes"], 1 << 20);
+    assert_eq!(created["allow_ips"], json!(["127.0.0.0/8", "::1/128"]));
+    assert!(created["expires_at"].as_str().unwrap().ends_with('Z'));
+
+    // The new token scans; its use is counted.
+    let (status, body, _) = post(&gw, "/v1/scan", &bearer(&token), EICAR).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("FOUND")),
+        "{body}"
+    );
+
+    let (status, list) = admin(&gw, Method::GET, "/v1/admin/tokens", &root, None).await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = list["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["root", "partner-a"]);
+    assert!(!list.to_string().contains(&token[4..]), "a listed secret");
+    assert!(list["tokens"][1].get("token").is_none());
+
+    for key in [id.as_str(), "partner-a"] {
+        let (status, usage) = admin(
+            &gw,
+            Method::GET,
+            &format!("/v1/admin/tokens/{key}/usage"),
+            &root,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{usage}");
+        assert_eq!(usage["token_id"], id.as_str());
+        assert_eq!(
+            (usage["files"].as_u64(), usage["bytes"].as_u64()),
+            (Some(1), Some(EICAR.len() as u64))
+        );
+        assert_eq!(usage["monthly_files"], 5);
+        assert_eq!(usage["month"], clock::Month::current().to_string());
+    }
+    let (status, old) = admin(
+        &gw,
+        Method::GET,
+        &format!("/v1/admin/tokens/{id}/usage?month=2020-01"),
+        &root,
+        None,
+    )
+    .await;
+    assert_eq!((status, old["files"].as_u64()), (200, Some(0)));
+    let (status, bad) = admin(
+        &gw,
+        Method::GET,
+        &format!("/v1/admin/tokens/{id}/usage?month=2020-13"),
+        &root,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, bad["error"]["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
+
+    // Mistakes get the one error shape.
+    for (body, code) in [
+        (json!({"name": "partner-a"}), "token_name_taken"),
+        (json!({"name": "x", "rate": "fast"}), "invalid_request"),
+        (json!({"name": "x", "scope": "root"}), "invalid_json"),
+        (json!({"name": "x", "monthly_filez": 1}), "invalid_json"),
+        (json!({"scope": "scan"}), "invalid_json"),
+        (json!(["not", "an", "object"]), "invalid_json"),
+    ] {
+        let (status, answer) = admin(
+            &gw,
+            Method::POST,
+            "/v1/admin/tokens",
+            &root,
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(answer["status"], "ERROR", "{body}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{body}: {answer}");
+        assert!(status == 400 || status == 409, "{status}");
+    }
+    for (content_type, raw) in [
+        ("application/json", "{\"name\": "),
+        ("text/plain", "{\"name\": \"x\"}"),
+    ] {
+        let r = gw
+            .client
+            .post(gw.url("/v1/admin/tokens"))
+            .bearer_auth(&root)
+            .header("content-type", content_type)
+            .body(raw)
+            .send()
+            .await
+            .unwrap();
+        let (status, answer) = json(r).await;
+        assert_eq!(
+            (status, answer["error"]["code"].as_str()),
+            (400, Some("invalid_json")),
+            "{answer}"
+        );
+    }
+
+    // Revocation takes effect at once.
+    let (status, revoked) = admin(
+        &gw,
+        Method::DELETE,
+        &format!("/v1/admin/tokens/{id}"),
+        &root,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{revoked}");
+    assert_eq!(revoked["status"], "revoked");
+    let (status, _, _) = post(&gw, "/v1/scan", &bearer(&token), EICAR).await;
+    assert_eq!(status, 401);
+    let (status, again) = admin(
+        &gw,
+        Method::DELETE,
+        &format!("/v1/admin/tokens/{id}"),
+        &root,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, again["error"]["code"].as_str()),
+        (409, Some("token_revoked"))
+    );
+    let (status, missing) = admin(
+        &gw,
+        Method::DELETE,
+        "/v1/admin/tokens/tok_nope",
+        &root,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, missing["error"]["code"].as_str()),
+        (404, Some("token_not_found"))
+    );
+
+    // The audit trail has it all, and no secret.
+    let (status, audit) = admin(&gw, Method::GET, "/v1/admin/audit?limit=500", &root, None).await;
+    assert_eq!(status, 200);
+    let events = audit["events"].as_array().unwrap();
+    let has = |event: &str, token: &str| {
+        events
+            .iter()
+            .any(|e| e["event"] == event && (token.is_empty() || e["token_id"] == token))
+    };
+    assert!(has("token_created", &id));
+    assert!(has("token_revoked", &id));
+    assert!(has("auth_refused", &id), "the revoked token's attempt");
+    assert!(events
+        .iter()
+        .any(|e| e["event"] == "admin_call" && e["actor"] == root_id.as_str()));
+    assert!(!audit.to_string().contains(&token[4..]));
+    assert!(!audit.to_string().contains(&root[4..]));
+    gw.stop().await;
+}
+
+/// The real binary, as a user runs it: the first start prints a token once
+/// (on stderr), the CLI manages tokens while it runs, and neither token
+/// ever reaches the logs, whatever the clients do with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
+    let clamd = Clamd::start("");
+    let dir = tempfile::Builder::new()
+        .prefix("avg-auth")
+        .tempdir()
+        .unwrap();
+    let data = dir.path().join("data");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let (log, errlog) = (dir.path().join("stdout.log"), dir.path().join("stderr.log"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_avgate"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--clamd",
+            &clamd.address(),
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("AVGATE_LOG_FORMAT", "json")
+        .env("AVGATE_LOG", "debug")
+        .env("AVGATE_CLAMD__HEALTH_INTERVAL", "400ms")
+        .env("AVGATE_RATE_LIMIT__AUTH_FAILURES", "1000/s")
+        .env_remove("AVGATE_AUTH__REQUIRED")
+        // Not the fixed default port: tests run side by side.
+        .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&errlog).unwrap())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "avgate did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stderr = std::fs::read_to_string(&errlog).unwrap();
+    let start = stderr
+        .find("avg_")
+        .unwrap_or_else(|| panic!("no token on stderr: {stderr}"));
+    let first = stderr[start..start + 53].to_owned();
+    Token::parse(&first).expect("the printed token is well-formed");
+    assert!(
+        stderr.contains(&format!(
+            "curl -X POST {base}/v1/scan -H \"Authorization: Bearer $TOKEN\""
+        )),
+        "{stderr}"
+    );
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&data.join("avgate.db")), 0o600);
+
+    let scan = |token: Option<String>, url: String| {
+        let client = client.clone();
+        async move {
+            let part = reqwest::multipart::Part::bytes(EICAR.to_vec()).file_name("eicar.com");
+            let mut r = client
+                .post(url)
+                .multipart(reqwest::multipart::Form::new().part("file", part));
+            if let Some(t) = token {
+                r = r.bearer_auth(t);
+            }
+            json(r.send().await.unwrap()).await
+        }
+    };
+    let (status, body) = scan(Some(first.clone()), format!("{base}/v1/scan")).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("FOUND")),
+        "{body}"
+    );
+    let (status, _) = scan(None, format!("{base}/v1/scan")).await;
+    assert_eq!(status, 401, "authentication is required by default");
+
+    // The CLI, on the same data directory, while the server runs.
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_avgate"))
+            .args(["token"])
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "avgate token {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let created = cli(&[
+        "create",
+        "--name",
+        "ops",
+        "--scope",
+        "admin",
+        "--expires",
+        "30d",
+        "--monthly-files",
+        "100",
+    ]);
+    let second = created.lines().next().unwrap().to_owned();
+    Token::parse(&second).expect("the first line is the token");
+    assert!(created.contains("id: tok_"), "{created}");
+    let list = cli(&["list"]);
+    assert!(
+        list.contains("default") && list.contains("ops") && list.contains("files/month=100"),
+        "{list}"
+    );
+    assert!(!list.contains(&second[4..]) && !list.contains(&first[4..]));
+    let listed: Value = serde_json::from_str(&cli(&["list", "--json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    let usage: Value = serde_json::from_str(&cli(&["usage", "default", "--json"])).unwrap();
+    assert_eq!(usage["files"], 1, "{usage}");
+
+    // The admin token made by the CLI works at once over HTTP.
+    let r = client
+        .get(format!("{base}/v1/admin/tokens"))
+        .bearer_auth(&second)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Clients that leak tokens: in the query string, mangled, revoked.
+    for url in [
+        format!("{base}/v1/scan?token={first}"),
+        format!("{base}/v1/scan?access_token={second}"),
+        format!("{base}/v1/scan/raw?filename=a&api_key={first}"),
+    ] {
+        let (status, body) = scan(None, url).await;
+        assert_eq!(status, 400, "{body}");
+    }
+    let mut mangled = first.clone();
+    mangled.replace_range(20..21, if &first[20..21] == "a" { "b" } else { "a" });
+    let (status, _) = scan(Some(mangled), format!("{base}/v1/scan")).await;
+    assert_eq!(status, 401);
+    assert!(cli(&["revoke", "default"]).contains("revoked"));
+    let (status, _) = scan(Some(first.clone()), format!("{base}/v1/scan")).await;
+    assert_eq!(status, 401, "a revoked token is refused at once");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+
+    let log = std::fs::read_to_string(&log).unwrap();
+    let stderr = std::fs::read_to_string(&errlog).unwrap();
+    for secret in [&first, &second] {
+        assert!(!log.contains(&secret[4..]), "a token in the logs");
+    }
+    assert!(
+        !stderr.contains(&second[4..]),
+        "the CLI's token on the server's stderr"
+    );
+    assert_eq!(
+        stderr.matches(&first[4..]).count(),
+        2,
+        "the first token is printed once, in its box (the token and the export line): {stderr}"
+    );
+    let audit: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|v| v["target"] == "audit")
+        .collect();
+    for event in ["token_created", "auth_refused", "admin_call"] {
+        assert!(
+            audit.iter().any(|v| v["event"] == event),
+            "no {event} audit line"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir.path());
+}

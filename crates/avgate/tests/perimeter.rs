@@ -1,0 +1,319 @@
+//! The perimeter against real sockets: rate limits, IP lists, trusted
+//! proxies, slow and idle clients.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use avgate::auth::manage::{self, Actor, TokenOptions};
+use avgate::config::{ByteSize, Humantime};
+use avgate::store::{clock, SqliteStore};
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn scan_with(gw: &Gateway, headers: &[(&str, &str)]) -> reqwest::Response {
+    let part = reqwest::multipart::Part::bytes(EICAR.to_vec()).file_name("eicar.com");
+    let mut req = gw
+        .client
+        .post(gw.url("/v1/scan"))
+        .multipart(reqwest::multipart::Form::new().part("file", part));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_past_the_burst_gets_429_with_retry_after() {
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.per_ip = "1/m".parse().unwrap();
+    cfg.rate_limit.per_ip_burst = 3;
+    let gw = Gateway::start(cfg).await;
+    for i in 0..3 {
+        let r = scan_with(&gw, &[]).await;
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.headers()["ratelimit-limit"], "3");
+        assert_eq!(
+            r.headers()["ratelimit-remaining"],
+            (2 - i).to_string().as_str()
+        );
+    }
+    let r = scan_with(&gw, &[]).await;
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(r.headers()["ratelimit-remaining"], "0");
+    let (_, body) = json(r).await;
+    assert_eq!(body["status"], "ERROR");
+    assert_eq!(body["error"]["code"], "rate_limited");
+    // Health checks are not rate limited.
+    for _ in 0..10 {
+        let r = gw.client.get(gw.url("/healthz")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_and_deny_lists_refuse_before_reading_the_body() {
+    let clamd = Clamd::start("");
+
+    // Not on the allow list.
+    let mut cfg = config(&[clamd.address()]);
+    cfg.network.allow = vec!["203.0.113.0/24".into()];
+    let gw = Gateway::start(cfg).await;
+    let r = scan_with(&gw, &[]).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(json(r).await.1["error"]["code"], "ip_forbidden");
+    gw.stop().await;
+
+    // Denied, even though allowed.
+    let mut cfg = config(&[clamd.address()]);
+    cfg.network.allow = vec!["127.0.0.0/8".into()];
+    cfg.network.deny = vec!["127.0.0.1".into()];
+    let gw = Gateway::start(cfg).await;
+    assert_eq!(scan_with(&gw, &[]).await.status(), 403);
+    gw.stop().await;
+
+    // IPv6: allowed ::1, then denied ::1.
+    for (allow, deny, want) in [(vec!["::1/128"], vec![], 200), (vec![], vec!["::1"], 403)] {
+        let mut cfg = config(&[clamd.address()]);
+        cfg.listen = "[::1]:0".parse().unwrap();
+        cfg.network.allow = allow.into_iter().map(String::from).collect();
+        cfg.network.deny = deny.into_iter().map(String::from).collect();
+        let gw = Gateway::start(cfg).await;
+        assert_eq!(scan_with(&gw, &[]).await.status(), want);
+        gw.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_counts_only_from_trusted_proxies() {
+    let clamd = Clamd::start("");
+    let denied = "203.0.113.7";
+
+    // avgate behind a trusted proxy (the test client, on 127.0.0.1).
+    let mut cfg = config(&[clamd.address()]);
+    cfg.network.trusted_proxies = vec!["127.0.0.1".into()];
+    cfg.network.deny = vec![denied.into()];
+    let gw = Gateway::start(cfg).await;
+    let cases = [
+        (denied.to_string(), 403),
+        // The proxy appended the real client on the right.
+        (format!("198.51.100.1, {denied}"), 403),
+        // The client forged the left entry; the right-most untrusted is real.
+        (format!("{denied}, 198.51.100.1"), 200),
+        // Proxy chains: trusted hops on the right are skipped.
+        (format!("{denied}, 127.0.0.1"), 403),
+    ];
+    for (xff, want) in cases {
+        let r = scan_with(&gw, &[("x-forwarded-for", &xff)]).await;
+        assert_eq!(r.status(), want, "X-Forwarded-For: {xff}");
+    }
+    gw.stop().await;
+
+    // No trusted proxies: a forged header changes nothing.
+    let mut cfg = config(&[clamd.address()]);
+    cfg.network.deny = vec![denied.into()];
+    let gw = Gateway::start(cfg).await;
+    let r = scan_with(&gw, &[("x-forwarded-for", denied)]).await;
+    assert_eq!(r.status(), 200);
+    gw.stop().await;
+}
+
+/// Reads until the server closes the connection (or `limit` passes);
+/// returns what it sent and how long that took.
+async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (String, Option<Duration>) {
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((started + limit).into(), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return (
+                    String::from_utf8_lossy(&got).into(),
+                    Some(started.elapsed()),
+                )
+            }
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into(), None),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_are_cut_off_while_others_are_served() {
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.header_timeout = Humantime(Duration::from_secs(2));
+    cfg.min_upload_rate = ByteSize(10_000);
+    cfg.min_upload_window = Humantime(Duration::from_secs(2));
+    let gw = std::sync::Arc::new(Gateway::start(cfg).await);
+    let addr = gw.addr;
+
+    // Idle: connects and says nothing.
+    let idle = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        read_until_closed(&mut s, Duration::from_secs(10)).await
+    });
+    // Slow headers: one byte every 200 ms, never finishing.
+    let slow_header = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let head = b"POST /v1/scan/raw HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        for b in head.iter() {
+            if s.write_all(&[*b]).await.is_err() {
+                return started.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if started.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+        }
+        // Still open after 10 s: the deadline did not work.
+        Duration::from_secs(3600)
+    });
+    // Slow body: complete headers, then 10 bytes every 500 ms.
+    let slow_body = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /v1/scan/raw HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while started.elapsed() < Duration::from_secs(10) {
+            if s.write_all(&[b'a'; 10]).await.is_err() {
+                break;
+            }
+            match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        (
+            String::from_utf8_lossy(&answer).into_owned(),
+            started.elapsed(),
+        )
+    });
+
+    // Meanwhile a normal client is served, repeatedly.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
+        assert_eq!((status, body["status"].as_str()), (200, Some("FOUND")));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    let (_, closed) = idle.await.unwrap();
+    let closed = closed.expect("idle connection still open after 10 s");
+    assert!(
+        closed < Duration::from_secs(4),
+        "idle closed after {closed:?}"
+    );
+    let took = slow_header.await.unwrap();
+    assert!(
+        took < Duration::from_secs(5),
+        "slow-header client held {took:?}"
+    );
+    let (answer, took) = slow_body.await.unwrap();
+    assert!(
+        took < Duration::from_secs(6),
+        "slow-body client held {took:?}"
+    );
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("upload_too_slow"), "{answer}");
+}
+
+/// Tokens for the tests below, created in the store as the CLI does.
+async fn token(dir: &std::path::Path, name: &str, edit: impl FnOnce(&mut TokenOptions)) -> String {
+    let store = SqliteStore::open(dir).unwrap();
+    let mut options = TokenOptions {
+        name: name.into(),
+        ..Default::default()
+    };
+    edit(&mut options);
+    let spec = options.validate(clock::now()).unwrap();
+    let created = manage::create(&store, spec, &Actor::cli()).await.unwrap();
+    created.token.expose().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_lock_out_the_address_even_for_a_good_token() {
+    let clamd = Clamd::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let good = token(dir.path(), "good", |_| {}).await;
+    let mut cfg = config(&[clamd.address()]);
+    cfg.auth.required = true;
+    cfg.data_dir = dir.path().to_owned();
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.auth_failures = "1/m".parse().unwrap();
+    cfg.rate_limit.auth_failures_burst = 3;
+    let gw = Gateway::start(cfg).await;
+
+    let r = scan_with(&gw, &[("authorization", &format!("Bearer {good}"))]).await;
+    assert_eq!(r.status(), 200, "a good token works at first");
+    for i in 0..3 {
+        let r = scan_with(&gw, &[("authorization", "Bearer avg_guess")]).await;
+        assert_eq!(r.status(), 401, "attempt {i}");
+    }
+    // The address has used up its failures: refused before the token is
+    // even looked at, so guessing cannot go on.
+    let r = scan_with(&gw, &[("authorization", &format!("Bearer {good}"))]).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(json(r).await.1["error"]["code"], "too_many_auth_failures");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_has_its_own_rate_and_address_list() {
+    let clamd = Clamd::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let slow = token(dir.path(), "slow", |o| {
+        o.rate = Some("1/m".into());
+        o.burst = Some(2);
+    })
+    .await;
+    let elsewhere = token(dir.path(), "elsewhere", |o| {
+        o.allow_ips = vec!["203.0.113.0/24".into(), "2001:db8::/32".into()];
+    })
+    .await;
+    let other = token(dir.path(), "other", |_| {}).await;
+    let mut cfg = config(&[clamd.address()]);
+    cfg.auth.required = true;
+    cfg.data_dir = dir.path().to_owned();
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.per_ip_burst = 1000;
+    let gw = Gateway::start(cfg).await;
+    let auth = |t: &str| format!("Bearer {t}");
+
+    for i in 0..2 {
+        let r = scan_with(&gw, &[("authorization", &auth(&slow))]).await;
+        assert_eq!(r.status(), 200, "request {i}");
+        assert_eq!(r.headers()["ratelimit-limit"], "2");
+    }
+    let r = scan_with(&gw, &[("authorization", &auth(&slow))]).await;
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(json(r).await.1["error"]["code"], "rate_limited");
+    // Another token from the same address is not affected.
+    let r = scan_with(&gw, &[("authorization", &auth(&other))]).await;
+    assert_eq!(r.status(), 200);
+
+    // A token bound to other addresses is refused from here.
+    let r = scan_with(&gw, &[("authorization", &auth(&elsewhere))]).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(json(r).await.1["error"]["code"], "ip_forbidden");
+    gw.stop().await;
+}
