@@ -88,7 +88,20 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// SIGTERM first, so that avgate stops its clamd; SIGKILL would leave
+    /// the clamd behind.
     fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -246,4 +259,44 @@ async fn a_150_mib_upload_is_streamed_with_bounded_memory() {
         peak_mib < 64,
         "peak RSS {peak_mib} MiB for a 150 MiB upload"
     );
+}
+
+/// Regression: inside an archive, clamd skips the part of a member past
+/// MaxFileSize without any alert, even with AlertExceedsMax. The managed
+/// clamd.conf must not let a small zip hide EICAR behind 151 MiB of zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zip_member_larger_than_the_upload_limit_is_still_scanned_to_its_end() {
+    let server = Server::start();
+    server
+        .wait_until(Duration::from_secs(60), "ready", |s, _| s == 200)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(dir.path().join("big.bin")).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..151 {
+            f.write_all(&zeros).unwrap();
+        }
+        f.write_all(EICAR).unwrap();
+    }
+    let ok = Command::new("zip")
+        .current_dir(dir.path())
+        .args(["-q", "bomb.zip", "big.bin"])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let zip = std::fs::read(dir.path().join("bomb.zip")).unwrap();
+    assert!(zip.len() < 1 << 20, "the zip is small: {}", zip.len());
+    let part = reqwest::multipart::Part::bytes(zip).file_name("bomb.zip");
+    let r = server
+        .client
+        .post(format!("{}/v1/scan", server.base))
+        .multipart(reqwest::multipart::Form::new().part("file", part))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "FOUND", "{body}");
 }
