@@ -21,7 +21,7 @@
 # AVGATE_LOG (info, as deployed; avgate's log goes to a file),
 # IDLE_WAIT_SECS (60: how long to wait for other processes to leave the
 # CPUs alone before measuring; it goes on with a warning after that).
-# Takes about 3 minutes on 2 cores once built.
+# Takes 2.5-4 minutes on 2 cores once built (see docs/performance.md).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -37,6 +37,8 @@ CLAMD=${CLAMD:-/usr/sbin/clamd}
 CLAMD_THREADS=${CLAMD_THREADS:-8}
 IDLE_WAIT_SECS=${IDLE_WAIT_SECS:-60}
 export AVGATE_LOG=${AVGATE_LOG:-info}
+# Errors from the load generator are explained in its message; no backtrace.
+export RUST_LIB_BACKTRACE=0
 
 [ -x "$CLAMD" ] || { echo "bench: $CLAMD not found (apt-get install clamav-daemon)" >&2; exit 1; }
 
@@ -111,16 +113,20 @@ EOF
 echo "== starting clamd ($("$CLAMD" --version))"
 "$CLAMD" --foreground --config-file="$WORK/clamd.conf" >"$WORK/clamd.out" 2>&1 &
 CLAMD_PID=$!
-"$BENCH" wait --clamd "unix:$SOCKET" --timeout-secs 60
+"$BENCH" wait --clamd "unix:$SOCKET" --pid "$CLAMD_PID" --timeout-secs 60
 
 # --- avgate ----------------------------------------------------------------
 PORT=$("$BENCH" free-port)
 URL=http://127.0.0.1:$PORT
 
-# avgate as deployed (authentication on, a token per client), except that
-# the rate limits, which would turn a load test into a 429 test, are set
-# out of reach (the limiter itself stays in the request path).
+# avgate as deployed (authentication on, a token per client, metrics on),
+# except that the rate limits, which would turn a load test into a 429
+# test, are set out of reach (the limiter itself stays in the request
+# path), and the metrics listener takes a free port.
 cat >"$WORK/avgate.toml" <<EOF
+[metrics]
+listen = "127.0.0.1:0"
+
 [rate_limit]
 per_ip = "1000000/s"
 per_ip_burst = 1000000
@@ -134,7 +140,7 @@ start_avgate() {
     "$AVGATE" serve "${AVGATE_ARGS[@]}" --clamd "unix:$SOCKET" --listen "127.0.0.1:$PORT" \
         --log-format json >>"$WORK/avgate.log" 2>&1 &
     AVGATE_PID=$!
-    "$BENCH" wait --url "$URL" --timeout-secs 30
+    "$BENCH" wait --url "$URL" --pid "$AVGATE_PID" --timeout-secs 30
     echo "== avgate pid $AVGATE_PID listening on $URL (AVGATE_LOG=$AVGATE_LOG)"
 }
 

@@ -2,7 +2,9 @@
 # Validates the files in deploy/ without a Docker engine:
 #   - docker-compose.yml with `docker compose config` (or docker-compose v1);
 #   - avgate.service with `systemd-analyze verify`, when available;
-#   - clamd.conf with `clamconf`, when available.
+#   - clamd.conf with `clamconf`, when available;
+#   - prometheus-alerts.yml with `promtool check rules`, when available;
+#   - grafana-dashboard.json as JSON.
 # Usage: sh deploy/check.sh
 set -eu
 cd "$(dirname "$0")"
@@ -41,4 +43,13 @@ if command -v clamconf >/dev/null 2>&1; then
         printf '%s\n' "$out" | grep -qF "$want" || { echo "clamd.conf: expected $want" >&2; exit 1; }
     done
     echo "ok: clamd.conf (clamconf)"
+fi
+
+if command -v promtool >/dev/null 2>&1; then
+    promtool check rules prometheus-alerts.yml >/dev/null
+    echo "ok: prometheus-alerts.yml (promtool check rules)"
+fi
+if command -v python3 >/dev/null 2>&1; then
+    python3 -c 'import json, sys; json.load(open(sys.argv[1]))' grafana-dashboard.json
+    echo "ok: grafana-dashboard.json (valid JSON)"
 fi

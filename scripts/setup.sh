@@ -9,8 +9,10 @@ if [ "$mode" = test ]; then
     # clamdscan: the reference client the tests compare with;
     # clamav-testfiles: 44 test files (archives, packed EXEs, documents);
     # zip: makes an encrypted archive; docker-compose: validates deploy/;
-    # pebble: an ACME test CA; openssl: s_client offers old TLS versions.
-    packages+=(clamdscan clamav-testfiles zip docker-compose pebble openssl)
+    # pebble: an ACME test CA; openssl: s_client offers old TLS versions;
+    # prometheus: promtool checks the metrics output and the alert rules;
+    # clamav: sigtool builds versioned test databases (.cud).
+    packages+=(clamdscan clamav-testfiles zip docker-compose pebble openssl prometheus clamav)
 fi
 
 missing=()

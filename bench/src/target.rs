@@ -11,8 +11,10 @@ use reqwest::multipart::{Form, Part};
 
 use crate::data;
 
-/// Chunk size the client produces for streamed uploads (both targets).
-pub const CHUNK: usize = 256 * 1024;
+/// Chunk size the client produces for streamed uploads (both targets),
+/// unless `--chunk-kib` says otherwise. The raw client sends each chunk as
+/// one INSTREAM chunk.
+pub const DEFAULT_CHUNK: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -46,6 +48,8 @@ pub struct Ctx {
     pub timeouts: clamd::Timeouts,
     /// API token sent as `Authorization: Bearer`, when avgate wants one.
     pub token: Option<String>,
+    /// Size of the pieces a streamed upload is generated in.
+    pub chunk: usize,
 }
 
 impl Ctx {
@@ -74,6 +78,7 @@ impl Ctx {
                 reply: Duration::from_secs(300),
             },
             token,
+            chunk: DEFAULT_CHUNK,
         })
     }
 
@@ -98,7 +103,7 @@ impl Ctx {
 
     /// Scans `size` bytes of fresh random data, generated while sending.
     pub async fn scan_random(&self, target: Target, size: u64) -> anyhow::Result<Outcome> {
-        let body = data::random_stream(size, CHUNK);
+        let body = data::random_stream(size, self.chunk);
         match target {
             Target::Raw => {
                 let conn = clamd::Connection::connect(&self.clamd, self.timeouts).await?;

@@ -30,6 +30,8 @@ pub struct Running {
     /// The metrics listener's address, unless `metrics.enabled = false`.
     pub metrics_addr: Option<SocketAddr>,
     pub state: AppState,
+    /// Applies a reloaded configuration and reloads the signatures (SIGHUP).
+    pub reloader: Arc<crate::reload::Reloader>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -91,7 +93,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             max_concurrent: managed.max_threads,
         };
         let stream_max = vec![Some(managed.stream_max_length)];
-        let database = managed.database;
+        let database = managed.database();
         (vec![backend], stream_max, Some(managed), database)
     } else {
         let stream_max = config.clamd.stream_max_length.map(|s| s.0);
@@ -113,6 +115,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
 
     let pool = Pool::new(backends, timeouts);
+    let signatures = crate::signatures::Signatures::new(pool.clone(), managed.clone(), &config);
+    let reloader = crate::reload::Reloader::new(config.clone(), signatures.clone());
     let engine: Arc<dyn Engine> = Arc::new(ClamavEngine::new(
         pool.clone(),
         config.clamd.queue_timeout.0,
@@ -126,6 +130,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let store = tokio::task::spawn_blocking(move || SqliteStore::open(&dir)).await??;
         Arc::new(Auth::new(Arc::new(store), config.auth.required))
     };
+    // The false-positive policy, from the same store. With a managed clamd
+    // its files are written now, before clamd starts and loads them.
+    let policy = crate::policy::Policy::start(
+        auth.store.clone(),
+        &config,
+        managed.clone(),
+        signatures.clone(),
+    )
+    .await?;
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -170,6 +183,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         perimeter: Arc::new(perimeter(&config)?),
         auth: auth.clone(),
         metrics: metrics.clone(),
+        signatures: signatures.clone(),
+        policy: policy.clone(),
     };
 
     if config.auth.required {
@@ -191,6 +206,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     // clamd outlives the HTTP server: it is stopped only once in-flight
     // scans are done, hence its own token.
     let clamd_stop = CancellationToken::new();
+    // Signature freshness warnings; freshclam runs and reloads (managed).
+    tasks.push(tokio::spawn(signatures.clone().monitor(stop.clone())));
+    if let Some(m) = &managed {
+        let run = crate::managed::updates::run(m.clone(), signatures.clone(), stop.clone());
+        tasks.push(tokio::spawn(run));
+    }
+    // Policy changes (store polled, expiry, SIGHUP) into the managed clamd.
+    tasks.push(tokio::spawn(policy.run(reloader.subscribe(), stop.clone())));
     let managed_task = managed.map(|m| tokio::spawn(m.supervise(clamd_stop.clone())));
     if let Some(listener) = metrics_listener {
         // Its own small limits: a scraper needs a connection or two.
@@ -249,7 +272,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         listen = %addr,
         tls = tls.is_some(),
         http_listen = ?http_addr,
-        metrics_listen = ?metrics_addr,
+        metrics_listen = %metrics_addr.map_or("off".into(), |a| a.to_string()),
         backends = ?pool.backends().iter().map(|b| b.address.to_string()).collect::<Vec<_>>(),
         database = database.as_str(),
         max_size = %config.max_size,
@@ -260,6 +283,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         http_addr,
         metrics_addr,
         state,
+        reloader,
         stop,
         tasks,
     })

@@ -27,6 +27,9 @@ pub enum Command {
     CheckConfig(ServeArgs),
     /// Manage API tokens: create, list, revoke, usage (works on the store directly).
     Token(crate::auth::cli::TokenArgs),
+    /// False positives and known-bad files: ignore, allow and block lists
+    /// (works on the store directly; a running server applies them within seconds).
+    Policy(crate::policy::cli::PolicyArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -128,9 +131,11 @@ impl ServeArgs {
 }
 
 /// Sets up logging: JSON lines for machines, text for a terminal.
-/// `AVGATE_LOG` takes an env-filter (default `info`).
-pub fn init_logging(format: LogFormat) {
+/// The filter (env-filter syntax) is `AVGATE_LOG` when set, else `level`
+/// (the `log_level` key), else `info`; [`set_log_level`] changes it later.
+pub fn init_logging(format: LogFormat, level: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AVGATE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level.unwrap_or("info")))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let json = match format {
         LogFormat::Json => true,
@@ -139,13 +144,42 @@ pub fn init_logging(format: LogFormat) {
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if json {
-        builder
+        let builder = builder
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .init();
+            .with_filter_reloading();
+        let handle = builder.reload_handle();
+        let _ = LOG_FILTER.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
+        builder.init();
     } else {
+        let builder = builder.with_filter_reloading();
+        let handle = builder.reload_handle();
+        let _ = LOG_FILTER.set(Box::new(move |f| {
+            handle.reload(f).map_err(|e| e.to_string())
+        }));
         builder.init();
     }
+}
+
+type SetFilter = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// Swaps the log filter of [`init_logging`], at runtime.
+static LOG_FILTER: std::sync::OnceLock<SetFilter> = std::sync::OnceLock::new();
+
+/// Applies the `log_level` key again (SIGHUP). `Ok(false)` when nothing
+/// changed: `AVGATE_LOG` is set (it wins) or logging was not set up here.
+pub fn set_log_level(level: Option<&str>) -> Result<bool, String> {
+    if std::env::var_os("AVGATE_LOG").is_some() {
+        return Ok(false);
+    }
+    let Some(set) = LOG_FILTER.get() else {
+        return Ok(false);
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(level.unwrap_or("info"))
+        .map_err(|e| e.to_string())?;
+    set(filter).map(|()| true)
 }

@@ -67,6 +67,76 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Prometheus metrics, on their own listener.
     pub metrics: MetricsConfig,
+    /// Oldest acceptable signature database, per backend: past it /readyz
+    /// answers 503 and a warning is logged. 0 disables the check.
+    pub max_database_age: Humantime,
+    /// Log filter (`info`, `avgate=debug,clamd=warn`); `AVGATE_LOG`, when
+    /// set, wins. Applied again on SIGHUP.
+    pub log_level: Option<String>,
+    /// Signature updates (managed mode) and reloads.
+    pub updates: UpdatesConfig,
+    /// The false-positive policy (ignore, allow, block lists).
+    pub policy: PolicyConfig,
+}
+
+/// How the policy (`avgate policy ...`, `/v1/admin/policy`) is applied.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// How often the store's policy version is checked, so that changes
+    /// made with the CLI (or by another host) apply without a restart.
+    pub refresh_interval: Humantime,
+    /// An ignored signature that clamd reports anyway (an external clamd
+    /// never loads avgate's ignore list) is answered OK instead of FOUND.
+    /// clamd reports only the first match, so a second signature on such a
+    /// file goes unseen: off by default.
+    pub ignore_after_scan: bool,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            refresh_interval: Humantime(Duration::from_secs(2)),
+            ignore_after_scan: false,
+        }
+    }
+}
+
+/// Signature updates: freshclam run by avgate for its managed clamd, and
+/// which backends a signature reload covers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdatesConfig {
+    /// Run freshclam on a schedule (managed mode only). Unset: yes, unless
+    /// a freshclam daemon (the clamav-freshclam service) is running on this
+    /// host at start-up; avgate then follows /var/lib/clamav instead.
+    pub enabled: Option<bool>,
+    /// Between checks (±10 % random jitter). Below 1h only with
+    /// `private_mirror`: the official mirrors answer 429 to clients that
+    /// check too often.
+    pub interval: Humantime,
+    /// freshclam's DatabaseMirror (default database.clamav.net).
+    pub database_mirror: Option<String>,
+    /// freshclam's PrivateMirror: a mirror of your own (URL), used instead
+    /// of the official network.
+    pub private_mirror: Option<String>,
+    /// The freshclam executable; found on PATH or in /usr/bin when unset.
+    pub freshclam_path: Option<PathBuf>,
+    /// Also RELOAD external backends (one at a time) on a signature reload.
+    pub reload_external: bool,
+}
+
+impl Default for UpdatesConfig {
+    fn default() -> Self {
+        UpdatesConfig {
+            enabled: None,
+            interval: Humantime(Duration::from_secs(6 * 3600)),
+            database_mirror: None,
+            private_mirror: None,
+            freshclam_path: None,
+            reload_external: false,
+        }
+    }
 }
 
 /// Prometheus metrics (`GET /metrics`), never on the public listener.
@@ -115,8 +185,9 @@ pub struct ClamdConfig {
 pub struct ManagedConfig {
     /// The clamd executable; found on PATH or in /usr/sbin when unset.
     pub clamd_path: Option<PathBuf>,
-    /// Signature database; unset: /var/lib/clamav when it holds signatures,
-    /// else the built-in test signatures.
+    /// Where the signature files come from (default /var/lib/clamav):
+    /// avgate links them into its own database directory, or uses its
+    /// built-in test signatures while there is no official database.
     pub database_dir: Option<PathBuf>,
     /// clamd's MaxThreads (and our concurrency limit for it).
     pub max_threads: usize,
@@ -338,6 +409,10 @@ impl Default for Config {
             http_listen: None,
             tls: TlsConfig::default(),
             metrics: MetricsConfig::default(),
+            max_database_age: Humantime(Duration::from_secs(3 * 86_400)),
+            log_level: None,
+            updates: UpdatesConfig::default(),
+            policy: PolicyConfig::default(),
         }
     }
 }
@@ -492,6 +567,7 @@ impl Config {
             }
         }
         self.tls.validate(self.http_listen).map_err(invalid)?;
+        self.validate_updates().map_err(invalid)?;
         let metrics = self.metrics.listen;
         if self.metrics.enabled
             && metrics.port() != 0
@@ -510,6 +586,37 @@ impl Config {
                  Keep authentication on, listen on 127.0.0.1, or also set auth.allow_unauthenticated_public = true",
                 self.listen
             )));
+        }
+        Ok(())
+    }
+
+    fn validate_updates(&self) -> Result<(), String> {
+        let updates = &self.updates;
+        if updates.interval.0 < Duration::from_secs(3600) && updates.private_mirror.is_none() {
+            return Err(format!(
+                "updates.interval = {:?} is too short for the official mirrors, which answer 429 to \
+                 clients that check too often: use 1h or more, or set updates.private_mirror",
+                updates.interval.0
+            ));
+        }
+        if updates.interval.0.is_zero() {
+            return Err("updates.interval must be above 0".into());
+        }
+        for (name, value) in [
+            ("updates.database_mirror", &updates.database_mirror),
+            ("updates.private_mirror", &updates.private_mirror),
+        ] {
+            // One line of freshclam.conf each.
+            if value
+                .as_deref()
+                .is_some_and(|v| v.trim().is_empty() || v.contains(char::is_whitespace))
+            {
+                return Err(format!("{name} must be a host name or URL without spaces"));
+            }
+        }
+        if let Some(filter) = &self.log_level {
+            tracing_subscriber::EnvFilter::try_new(filter)
+                .map_err(|e| format!("log_level {filter:?}: {e}"))?;
         }
         Ok(())
     }
@@ -801,6 +908,8 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../avgate.example.toml");
         let c = Config::load(Some(&path), vec![], &Overrides::default()).unwrap();
         assert_eq!(c.max_size, ByteSize(150 << 20));
+        assert_eq!(c.max_database_age.0, Duration::from_secs(3 * 86_400));
+        assert_eq!(c.updates.interval.0, Duration::from_secs(6 * 3600));
     }
 
     #[test]
@@ -826,6 +935,44 @@ mod tests {
         assert!(err.to_string().contains("metrics.listen"), "{err}");
         let off = env(&[("AVGATE_METRICS__ENABLED", "false")]);
         assert!(Config::load(None, off, &same).is_ok());
+    }
+
+    #[test]
+    fn updates_and_freshness_settings() {
+        let c = Config::load(None, vec![], &Overrides::default()).unwrap();
+        assert_eq!(c.max_database_age.0, Duration::from_secs(3 * 86_400));
+        assert_eq!(c.updates.enabled, None, "auto by default");
+        assert_eq!(c.updates.interval.0, Duration::from_secs(6 * 3600));
+        assert!(!c.updates.reload_external);
+        let c = Config::load(
+            None,
+            env(&[
+                ("AVGATE_UPDATES__ENABLED", "false"),
+                ("AVGATE_MAX_DATABASE_AGE", "1d"),
+                ("AVGATE_LOG_LEVEL", "avgate=debug,clamd=warn"),
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.updates.enabled, Some(false));
+        assert_eq!(c.max_database_age.0, Duration::from_secs(86_400));
+        // The official mirrors must not be asked every few seconds.
+        let short = env(&[("AVGATE_UPDATES__INTERVAL", "10m")]);
+        let err = Config::load(None, short.clone(), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("private_mirror"), "{err}");
+        let mut private = short;
+        private.extend(env(&[(
+            "AVGATE_UPDATES__PRIVATE_MIRROR",
+            "http://mirror.internal",
+        )]));
+        assert!(Config::load(None, private, &Overrides::default()).is_ok());
+        let err = Config::load(
+            None,
+            env(&[("AVGATE_LOG_LEVEL", "avgate=loud")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("log_level"), "{err}");
     }
 
     #[test]

@@ -3,14 +3,19 @@
 //! # Layout
 //! - [`config`]: typed, layered configuration (defaults, file, env, flags).
 //! - [`auth`]: API tokens, the auth extractors, quotas, the audit trail.
-//! - [`store`]: tokens, usage counters and the audit trail, behind a trait
-//!   (SQLite in the data directory).
+//! - [`store`]: tokens, usage counters, the audit trail and the policy,
+//!   behind a trait (SQLite in the data directory).
 //! - [`http`]: the router, one module per resource, the one error body
 //!   ([`http::error`]), and the connection loop ([`http::server`]).
 //! - [`scan`]: the [`scan::Engine`] trait, the ClamAV engine over the
 //!   `clamd` crate, the upload pipeline (stream -> sha256 + engines) and
 //!   [`scan::verdict`], the one place where OK / FOUND is decided.
-//! - [`managed`]: the clamd that avgate runs itself when none is given.
+//! - [`policy`]: false positives and known-bad files: ignore, allow and
+//!   block lists, applied inside the managed clamd and after the scan.
+//! - [`managed`]: the clamd that avgate runs itself when none is given:
+//!   its database directory and its freshclam.
+//! - [`signatures`]: database age per backend (readiness) and reloads, one
+//!   backend at a time; [`reload`]: what SIGHUP changes at runtime.
 //! - [`metrics`]: Prometheus metrics and their own listener; the per-scan
 //!   log line is [`http::observe`].
 //! - [`perimeter`]: client address, IP lists, rate limits, slow clients.
@@ -18,7 +23,8 @@
 //! - [`app`]: wires these together and runs them until shutdown.
 //!
 //! A scan travels: request -> limits -> multipart or raw body as a stream
-//! of chunks -> pipeline (sha256, size, engines) -> verdict -> JSON.
+//! of chunks -> pipeline (sha256, size, engines) -> verdict (with the
+//! policy) -> JSON.
 
 pub mod app;
 pub mod auth;
@@ -28,6 +34,9 @@ pub mod http;
 pub mod managed;
 pub mod metrics;
 pub mod perimeter;
+pub mod policy;
+pub mod reload;
 pub mod scan;
+pub mod signatures;
 pub mod store;
 pub mod tls;

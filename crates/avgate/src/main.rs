@@ -3,13 +3,14 @@
 
 use std::process::ExitCode;
 
-use avgate::cli::{Cli, Command};
+use avgate::cli::{Cli, Command, ServeArgs};
 use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Token(args) => avgate::auth::cli::run(args),
+        Command::Policy(args) => avgate::policy::cli::run(args),
         Command::CheckConfig(args) => match args.load() {
             Ok(config) => {
                 println!("configuration is valid");
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            avgate::cli::init_logging(config.log_format);
+            avgate::cli::init_logging(config.log_format, config.log_level.as_deref());
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -37,7 +38,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(config)) {
+            match runtime.block_on(serve(args, config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -49,13 +50,33 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: avgate::config::Config) -> anyhow::Result<()> {
+async fn serve(args: ServeArgs, config: avgate::config::Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Registered first: SIGHUP's default action would end the process.
+    let mut hangup = signal(SignalKind::hangup())?;
     let running = avgate::app::start(config).await?;
     let stopper = running.stopper();
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutting down: finishing in-flight scans");
         stopper.cancel();
+    });
+    // SIGHUP: the configuration again (same file, environment and flags),
+    // what can change at runtime applied, the signatures reloaded.
+    let reloader = running.reloader.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration and the signatures");
+            match args.load() {
+                Ok(config) => {
+                    reloader.reload(config).await;
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "SIGHUP: the configuration is invalid; keeping the one in force"
+                ),
+            }
+        }
     });
     running.wait().await;
     tracing::info!("stopped");

@@ -311,15 +311,13 @@ impl Metrics {
     }
 }
 
-/// The age of a backend's signature database.
-///
-/// HOOK: the backend status does not carry the database's age yet (its
-/// `database_date` is clamd's free-form text). When `clamd::BackendStatus`
-/// gains it, return it here: `avgate_backend_database_age_seconds` and the
-/// `AvgateSignaturesStale` alert in deploy/prometheus-alerts.yml then work
-/// with no other change.
-fn database_age(_status: &BackendStatus) -> Option<Duration> {
-    None
+/// The age of a backend's signature database, as the pool dates it: the
+/// build date of a signed database, else the newest signature file when
+/// its directory is known (managed mode, or an external clamd on this
+/// host). Unknown: no `avgate_backend_database_age_seconds` sample, and the
+/// `AvgateSignaturesStale` alert stays quiet for that backend.
+fn database_age(status: &BackendStatus) -> Option<Duration> {
+    status.database_age()
 }
 
 /// Raises a counter that mirrors a monotonic count kept elsewhere.
@@ -489,6 +487,7 @@ mod tests {
                 verdict: kind,
                 signature: None,
                 score: 0,
+                policy: None,
             },
             sha256: String::new(),
             size,

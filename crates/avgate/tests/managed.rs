@@ -40,6 +40,8 @@ impl Server {
             .env("AVGATE_AUTH__REQUIRED", "false")
             // Not the fixed default port: tests run side by side.
             .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
+            // No mirror is reachable from the tests: no freshclam runs.
+            .env("AVGATE_UPDATES__ENABLED", "false")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::inherit())

@@ -12,9 +12,9 @@ use std::time::SystemTime;
 /// File extensions clamd loads from its database directory (libclamav's
 /// `CLI_DBEXT`, 1.4). Anything else in the directory is ignored by clamd.
 pub const EXTENSIONS: &[&str] = &[
-    "cvd", "cld", "cud", "db", "hdb", "hdu", "hsb", "hsu", "mdb", "mdu", "msb", "msu", "imp", "ndb",
-    "ndu", "ldb", "ldu", "sdb", "zmd", "rmd", "idb", "gdb", "wdb", "pdb", "pwdb", "cbc", "ftm", "cfg",
-    "cdb", "cat", "crb", "ioc", "yar", "yara", "fp", "sfp", "ign", "ign2", "info",
+    "cvd", "cld", "cud", "db", "hdb", "hdu", "hsb", "hsu", "mdb", "mdu", "msb", "msu", "imp",
+    "ndb", "ndu", "ldb", "ldu", "sdb", "zmd", "rmd", "idb", "gdb", "wdb", "pdb", "pwdb", "cbc",
+    "ftm", "cfg", "cdb", "cat", "crb", "ioc", "yar", "yara", "fp", "sfp", "ign", "ign2", "info",
 ];
 
 /// Files that only allow-list or ignore: they do not make a database newer.
@@ -40,7 +40,11 @@ pub fn is_signature_file(name: &str) -> bool {
 /// Whether a directory holds an official database: a `main` and a `daily`
 /// (`.cvd` or `.cld`), as freshclam leaves them.
 pub fn has_official(dir: &Path) -> bool {
-    let any = |stem: &str| ["cvd", "cld"].iter().any(|ext| dir.join(format!("{stem}.{ext}")).is_file());
+    let any = |stem: &str| {
+        ["cvd", "cld"]
+            .iter()
+            .any(|ext| dir.join(format!("{stem}.{ext}")).is_file())
+    };
     any("main") && any("daily")
 }
 
@@ -65,10 +69,25 @@ mod tests {
 
     #[test]
     fn names_clamd_loads() {
-        for yes in ["main.cvd", "daily.cld", "local.ign2", "x.ndb", "a.b.hdb", "t.yara"] {
+        for yes in [
+            "main.cvd",
+            "daily.cld",
+            "local.ign2",
+            "x.ndb",
+            "a.b.hdb",
+            "t.yara",
+        ] {
             assert!(is_database_file(yes), "{yes}");
         }
-        for no in ["freshclam.dat", "mirrors.dat", "README", ".x.ndb.tmp", ".hidden.ndb", "ndb", ".ndb"] {
+        for no in [
+            "freshclam.dat",
+            "mirrors.dat",
+            "README",
+            ".x.ndb.tmp",
+            ".hidden.ndb",
+            "ndb",
+            ".ndb",
+        ] {
             assert!(!is_database_file(no), "{no}");
         }
         assert!(is_signature_file("daily.cld"));
@@ -83,7 +102,8 @@ mod tests {
             let path = dir.path().join(name);
             std::fs::write(&path, "x").unwrap();
             let file = std::fs::File::options().write(true).open(&path).unwrap();
-            file.set_modified(UNIX_EPOCH + Duration::from_secs(secs)).unwrap();
+            file.set_modified(UNIX_EPOCH + Duration::from_secs(secs))
+                .unwrap();
         };
         assert_eq!(newest_signature_mtime(dir.path()), None);
         set("old.ndb", 1_000);

@@ -145,7 +145,10 @@ impl Backend {
     /// the newest signature file in `dir`, this backend's database
     /// directory on this host.
     pub fn set_database_dir(&self, dir: Option<PathBuf>) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).database_dir = dir;
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .database_dir = dir;
     }
 
     /// Takes the backend out of rotation (or puts it back): while other
@@ -213,9 +216,8 @@ impl Backend {
             .unwrap_or_else(|e| e.into_inner())
             .database_dir
             .clone()?;
-        let newest = tokio::task::spawn_blocking(move || {
-            crate::database::newest_signature_mtime(&dir)
-        });
+        let newest =
+            tokio::task::spawn_blocking(move || crate::database::newest_signature_mtime(&dir));
         newest.await.ok()?.map(|t| (t, DatabaseDating::Files))
     }
 
@@ -569,11 +571,7 @@ mod tests {
     fn differing_database_versions_are_noticed() {
         let pool = pool_of(3, 1);
         let set = |i: usize, reply: &[u8]| {
-            pool.backends()[i]
-                .state
-                .lock()
-                .unwrap()
-                .version = Some(Version::parse(reply).unwrap());
+            pool.backends()[i].state.lock().unwrap().version = Some(Version::parse(reply).unwrap());
         };
         assert!(!pool.database_versions_differ(), "nothing probed yet");
         set(0, b"ClamAV 1.4.6/27461/Tue Nov 24 09:25:11 2026");

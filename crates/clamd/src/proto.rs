@@ -448,9 +448,7 @@ mod tests {
 
     #[test]
     fn database_dates_parse_as_utc() {
-        let at = |s| {
-            parse_ctime(s).map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_secs())
-        };
+        let at = |s| parse_ctime(s).map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_secs());
         // date -u -d '2026-11-24 09:25:11' +%s
         assert_eq!(at("Tue Nov 24 09:25:11 2026"), Some(1_795_512_311));
         assert_eq!(at("Thu Jan  1 00:00:00 1970"), Some(0));
@@ -473,7 +471,10 @@ mod tests {
             v.database_time(),
             Some(UNIX_EPOCH + std::time::Duration::from_secs(1_795_512_311))
         );
-        assert_eq!(Version::parse(b"ClamAV 1.4.6").unwrap().database_time(), None);
+        assert_eq!(
+            Version::parse(b"ClamAV 1.4.6").unwrap().database_time(),
+            None
+        );
     }
 
     #[test]

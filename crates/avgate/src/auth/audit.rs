@@ -1,6 +1,7 @@
-//! The audit trail: token creation and revocation, admin API calls and
-//! refused authentications. Each event goes to the store (`audit` table)
-//! and to the log as a JSON line with target `audit`, so that it can be
+//! The audit trail: token creation and revocation, policy entries added
+//! and removed, admin API calls and refused authentications. Each event
+//! goes to the store (`audit` table) and to the log as a JSON line with
+//! target `audit`, so that it can be
 //! filtered (`AVGATE_LOG=info,audit=info`) and shipped on its own.
 //!
 //! A token itself is never part of an event: its id is.
@@ -13,6 +14,8 @@ pub enum Event {
     TokenRevoked,
     AdminCall,
     AuthRefused,
+    PolicyAdded,
+    PolicyRemoved,
 }
 
 impl Event {
@@ -22,6 +25,8 @@ impl Event {
             Event::TokenRevoked => "token_revoked",
             Event::AdminCall => "admin_call",
             Event::AuthRefused => "auth_refused",
+            Event::PolicyAdded => "policy_added",
+            Event::PolicyRemoved => "policy_removed",
         }
     }
 }

@@ -18,8 +18,12 @@ pub async fn healthz() -> Response {
 
 #[derive(Serialize)]
 struct Readiness {
+    /// `ready`, `not_ready` (no backend scans) or `stale_database`.
     status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
     backends: Vec<BackendView>,
+    signatures: crate::signatures::SignaturesStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     managed_clamd: Option<ManagedStatus>,
 }
@@ -38,15 +42,27 @@ pub struct BackendView {
     clamav: Option<String>,
     database: Option<u32>,
     database_date: Option<String>,
+    /// Seconds since the database was built (signed) or its newest file
+    /// changed (unsigned, managed); `null` when unknown.
+    database_age_seconds: Option<u64>,
+    /// `version` (clamd's VERSION) or `files` (the files' times).
+    database_dated_by: Option<&'static str>,
+    /// Older than `max_database_age`.
+    stale: bool,
+    /// Out of rotation for a signature reload.
+    draining: bool,
 }
 
 pub fn backend_views(state: &AppState) -> Vec<BackendView> {
+    let max_age = state.signatures.max_age();
     state
         .pool
         .backends()
         .iter()
         .map(|b| {
             let s = b.status();
+            let stale = crate::signatures::is_stale(&s, max_age);
+            let database_age_seconds = s.database_age().map(|a| a.as_secs());
             let (state, reason) = match s.health {
                 clamd::Health::Up => ("up", None),
                 clamd::Health::Down(why) => ("down", Some(why)),
@@ -65,18 +81,39 @@ pub fn backend_views(state: &AppState) -> Vec<BackendView> {
                 clamav: s.version.as_ref().map(|v| v.clamav.clone()),
                 database: s.version.as_ref().and_then(|v| v.database),
                 database_date: s.version.and_then(|v| v.database_date),
+                database_age_seconds,
+                database_dated_by: s.dated_by.map(|d| d.as_str()),
+                stale,
+                draining: s.draining,
             }
         })
         .collect()
 }
 
-/// 200 only when at least one backend really scans: its last probe, a scan
-/// of EICAR, came back FOUND.
+/// 200 only when at least one backend really scans (its last probe, a
+/// scan of EICAR, came back FOUND) and no backend in rotation has a
+/// database older than `max_database_age`.
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let ready = state.pool.any_healthy();
+    let scans = state.pool.any_healthy();
+    let stale = state.signatures.stale_backends();
+    let ready = scans && stale.is_empty();
+    let (status, reason) = if !scans {
+        ("not_ready", None)
+    } else if !stale.is_empty() {
+        let names: Vec<&str> = stale.iter().map(|s| s.address.as_str()).collect();
+        let reason = format!(
+            "signature database older than max_database_age on {}",
+            names.join(", ")
+        );
+        ("stale_database", Some(reason))
+    } else {
+        ("ready", None)
+    };
     let body = Readiness {
-        status: if ready { "ready" } else { "not_ready" },
+        status,
+        reason,
         backends: backend_views(&state),
+        signatures: state.signatures.status(),
         managed_clamd: state.managed.as_ref().map(|m| m.status()),
     };
     let code = if ready {
@@ -88,9 +125,16 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 pub async fn version(State(state): State<AppState>) -> Response {
+    // The managed clamd's database can change kind at runtime (test
+    // signatures until freshclam gets the official database).
+    let database = state
+        .managed
+        .as_ref()
+        .map_or(state.database, |m| m.database());
     Json(serde_json::json!({
         "avgate": env!("CARGO_PKG_VERSION"),
-        "database": state.database.as_str(),
+        "database": database.as_str(),
+        "versions_differ": state.pool.database_versions_differ(),
         "backends": backend_views(&state),
     }))
     .into_response()

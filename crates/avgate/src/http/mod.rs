@@ -4,9 +4,11 @@ pub mod admin;
 pub mod error;
 pub mod health;
 pub mod observe;
+pub mod policy;
 pub mod redirect;
 pub mod scan;
 pub mod server;
+pub mod signatures;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,6 +51,10 @@ pub struct AppState {
     pub auth: Arc<crate::auth::Auth>,
     /// Prometheus metrics (served on their own listener).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Database age per backend, signature reloads.
+    pub signatures: Arc<crate::signatures::Signatures>,
+    /// The false-positive policy in force (ignore, allow, block).
+    pub policy: Arc<crate::policy::Policy>,
 }
 
 /// The client's address, set by the connection loop.
@@ -71,6 +77,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/admin/tokens/{id}", delete(admin::revoke_token))
         .route("/v1/admin/tokens/{id}/usage", get(admin::token_usage))
         .route("/v1/admin/audit", get(admin::audit))
+        .route("/v1/admin/policy", get(policy::list).post(policy::add))
+        .route("/v1/admin/policy/{id}", delete(policy::remove))
+        .route("/v1/admin/reload", post(signatures::reload))
         .route_layer(middleware::from_fn_with_state(
             state.perimeter.clone(),
             perimeter::guard,

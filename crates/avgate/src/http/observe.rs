@@ -1,12 +1,14 @@
 //! What a scan leaves behind for operators: one log line per file and
 //! the scan metrics.
 //!
-//! Every file sent to a scan endpoint produces exactly one line with the
+//! Every file that reaches an engine produces exactly one line with the
 //! message `scanned`: request id, client address, token name (never the
 //! token), sanitized filename, size, sha256, verdict, signature, engine,
 //! backend and duration. A file that no engine could scan is logged the
-//! same way, at `warn`, with `verdict: "error"`. File contents never reach
-//! a log.
+//! same way, at `warn`, with `verdict: "error"`. A file refused for the
+//! client's fault (too large, broken body) has no such line; its request
+//! line and `avgate_rejections_total` show it. File contents never reach a
+//! log.
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -100,6 +102,7 @@ impl ScanContext {
             verdict = verdict_label(r.verdict.verdict),
             signature = r.verdict.signature.as_deref().unwrap_or(""),
             score = r.verdict.score,
+            policy = r.verdict.policy.as_ref().and_then(|p| p.id.as_deref()),
             engine = r.engine.name,
             backend = %r.engine.backend,
             duration_ms = r.duration_ms,

@@ -51,8 +51,14 @@ pub async fn scan_one(
                     .reserve_file()
                     .await
                     .map_err(|e| e.with_filename(name.clone()))?;
-                let scan =
-                    pipeline::scan(&state.engines, name.clone(), field_stream(field), None, max);
+                let scan = pipeline::scan(
+                    &state.engines,
+                    &state.policy,
+                    name.clone(),
+                    field_stream(field),
+                    None,
+                    max,
+                );
                 let scanned = observe
                     .scan(name.as_deref(), scan)
                     .await
@@ -114,7 +120,14 @@ pub async fn scan_batch(
                     .with_extra("results", partial(&results)))
             }
         };
-        let scan = pipeline::scan(&state.engines, name.clone(), field_stream(field), None, max);
+        let scan = pipeline::scan(
+            &state.engines,
+            &state.policy,
+            name.clone(),
+            field_stream(field),
+            None,
+            max,
+        );
         match observe.scan(name.as_deref(), scan).await {
             Ok(scanned) => {
                 counted.commit(scanned.size).await;
@@ -182,7 +195,14 @@ pub async fn scan_raw(
         state.perimeter.min_upload_rate,
         state.perimeter.min_upload_window,
     );
-    let scan = pipeline::scan(&state.engines, name.clone(), body, length, max);
+    let scan = pipeline::scan(
+        &state.engines,
+        &state.policy,
+        name.clone(),
+        body,
+        length,
+        max,
+    );
     let scanned = observe
         .scan(name.as_deref(), scan)
         .await

@@ -4,6 +4,17 @@
 //! its own, `AlertExceedsMax yes`, a Unix socket), runs clamd in the
 //! foreground as a child, restarts it with back-off when it dies and stops
 //! it on shutdown. clamd keeps parsing hostile files in its own process.
+//!
+//! - [`database`]: the database directory avgate owns (links to the
+//!   official files, test signatures, avgate's own files).
+//! - [`updates`]: freshclam on a schedule, or following the system's.
+//!
+//! Reloads (one backend at a time, waiting until each is ready again) are
+//! driven by [`crate::signatures`]; this module tells it when the managed
+//! clamd has finished one ([`ClamdEvent`]).
+
+pub mod database;
+pub mod updates;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,22 +25,12 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-
-/// The built-in test signatures: EICAR and the test program that every file
-/// of Debian's clamav-testfiles package carries.
-const TEST_SIGNATURES: &[(&str, &str)] = &[
-    (
-        "avgate-test.ndb",
-        include_str!("../../../../signatures/avgate-test.ndb"),
-    ),
-    (
-        "avgate-test.hdb",
-        include_str!("../../../../signatures/avgate-test.hdb"),
-    ),
-];
+use database::{create_private_dir, DatabaseLayout, Fingerprint, SyncReport};
+use updates::{UpdateMode, UpdatesStatus};
 
 /// Where freshclam keeps the official database on Debian and Ubuntu.
 pub const SYSTEM_DATABASE: &str = "/var/lib/clamav";
@@ -41,7 +42,9 @@ pub enum DatabaseKind {
     Official,
     /// Only avgate's built-in test signatures: finds test files, not malware.
     TestSignaturesOnly,
-    /// A database directory named in the configuration.
+    /// No official database, but custom signature files (from
+    /// `managed.database_dir` or avgate's freshclam), next to the test
+    /// signatures.
     Custom,
     /// External clamd backends: their database is theirs.
     External,
@@ -66,8 +69,28 @@ pub struct ManagedStatus {
     pub restarts: u64,
     pub last_exit: Option<String>,
     pub config: String,
+    /// clamd's DatabaseDirectory (avgate's own; see [`database`]).
     pub database_dir: String,
     pub database: &'static str,
+    /// Where the official database is linked from, if there is one.
+    pub database_source: Option<String>,
+    /// Signatures clamd reported after its last reload.
+    pub signatures: Option<u64>,
+    pub updates: UpdatesStatus,
+}
+
+/// What the managed clamd said about its database, from its log lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClamdEvent {
+    /// Nothing yet.
+    None,
+    /// A clamd process was (re)started: it loads the current database.
+    Started,
+    /// `Database correctly reloaded (N signatures)`.
+    Reloaded { signatures: u64 },
+    /// `Database reload failed, keeping the previous instance`, with the
+    /// error clamd gave before it.
+    ReloadFailed(String),
 }
 
 /// A prepared (configured, not yet started) managed clamd.
@@ -76,23 +99,55 @@ pub struct ManagedClamd {
     config_path: PathBuf,
     pid_path: PathBuf,
     pub socket: PathBuf,
-    pub database: DatabaseKind,
     /// StreamMaxLength written into its config.
     pub stream_max_length: u64,
     pub max_threads: usize,
     backoff_max: Duration,
+    layout: DatabaseLayout,
+    update_mode: UpdateMode,
+    kind: Mutex<DatabaseKind>,
+    /// The database files as of the last sync: a difference means reload.
+    synced: Mutex<Fingerprint>,
+    events: Arc<watch::Sender<ClamdEvent>>,
     status: Mutex<ManagedStatus>,
 }
 
 impl ManagedClamd {
-    /// Finds clamd, chooses the database and writes clamd.conf.
+    /// Finds clamd, sets up the database directory and writes clamd.conf
+    /// (and freshclam.conf when avgate runs freshclam).
     pub fn prepare(config: &Config) -> anyhow::Result<ManagedClamd> {
         let executable = find_clamd(config.managed.clamd_path.as_deref())?;
         let dir = config.data_dir.join("clamd");
         create_private_dir(&config.data_dir)?;
         create_private_dir(&dir)?;
 
-        let (database_dir, database) = choose_database(config, &dir)?;
+        let update_mode = updates::decide(config, &dir)?;
+        let layout = DatabaseLayout {
+            dir: dir.join("db"),
+            freshclam_dir: match &update_mode {
+                UpdateMode::Freshclam(f) => Some(f.dir.clone()),
+                UpdateMode::Follow { .. } => None,
+            },
+            system_dir: config
+                .managed
+                .database_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(SYSTEM_DATABASE)),
+            configured: config.managed.database_dir.is_some(),
+        };
+        if layout.configured && !layout.system_dir.is_dir() {
+            bail!(
+                "managed.database_dir {} is not a directory",
+                layout.system_dir.display()
+            );
+        }
+        // Earlier versions kept the test signatures here.
+        let _ = std::fs::remove_dir_all(dir.join("test-db"));
+        layout.reset_test_signatures();
+        let report = layout.sync()?;
+        announce_database(&report, &layout, &update_mode);
+        let database_dir = layout.dir.clone();
+        let database = report.kind;
         let socket = dir.join("clamd.sock");
         // sun_path is 108 bytes on Linux, including the NUL.
         if socket.as_os_str().len() > 100 {
@@ -119,23 +174,34 @@ impl ManagedClamd {
         std::fs::write(&config_path, conf)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
 
+        let status = ManagedStatus {
+            state: "starting",
+            pid: None,
+            restarts: 0,
+            last_exit: None,
+            config: config_path.display().to_string(),
+            database_dir: database_dir.display().to_string(),
+            database: database.as_str(),
+            database_source: report
+                .official_source
+                .as_ref()
+                .map(|p| p.display().to_string()),
+            signatures: None,
+            updates: update_mode.initial_status(),
+        };
         Ok(ManagedClamd {
             executable,
             pid_path: dir.join("clamd.pid"),
             socket,
-            database,
             stream_max_length,
             max_threads: config.managed.max_threads,
             backoff_max: config.managed.restart_backoff_max.0,
-            status: Mutex::new(ManagedStatus {
-                state: "starting",
-                pid: None,
-                restarts: 0,
-                last_exit: None,
-                config: config_path.display().to_string(),
-                database_dir: database_dir.display().to_string(),
-                database: database.as_str(),
-            }),
+            synced: Mutex::new(layout.fingerprint()),
+            layout,
+            update_mode,
+            kind: Mutex::new(database),
+            events: Arc::new(watch::channel(ClamdEvent::None).0),
+            status: Mutex::new(status),
             config_path,
         })
     }
@@ -149,6 +215,83 @@ impl ManagedClamd {
 
     fn update(&self, f: impl FnOnce(&mut ManagedStatus)) {
         f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Which signatures clamd runs with (as of the last sync).
+    pub fn database(&self) -> DatabaseKind {
+        *self.kind.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// clamd's DatabaseDirectory, which avgate owns.
+    pub fn database_dir(&self) -> &Path {
+        &self.layout.dir
+    }
+
+    pub fn update_mode(&self) -> &UpdateMode {
+        &self.update_mode
+    }
+
+    pub(crate) fn update_updates(&self, f: impl FnOnce(&mut UpdatesStatus)) {
+        self.update(|s| f(&mut s.updates));
+    }
+
+    /// Records the signature count clamd reported after a reload.
+    pub(crate) fn record_signatures(&self, signatures: u64) {
+        self.update(|s| s.signatures = Some(signatures));
+    }
+
+    /// Re-links the database directory to the current source files (see
+    /// [`database`]). Call before reloading clamd.
+    pub fn sync_database(&self) -> anyhow::Result<SyncReport> {
+        // Read the files' state first: a change during the sync is then
+        // seen again next time rather than lost.
+        let fingerprint = self.layout.fingerprint();
+        let report = self.layout.sync()?;
+        let before = std::mem::replace(
+            &mut *self.kind.lock().unwrap_or_else(|e| e.into_inner()),
+            report.kind,
+        );
+        if before != report.kind {
+            tracing::info!(
+                was = before.as_str(),
+                now = report.kind.as_str(),
+                source = ?report.official_source,
+                "the managed clamd's signature database changed kind"
+            );
+        }
+        *self.synced.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint;
+        self.update(|s| {
+            s.database = report.kind.as_str();
+            s.database_source = report
+                .official_source
+                .as_ref()
+                .map(|p| p.display().to_string());
+        });
+        Ok(report)
+    }
+
+    /// Whether the database files changed since the last sync.
+    pub fn database_changed(&self) -> bool {
+        let now = self.layout.fingerprint();
+        *self.synced.lock().unwrap_or_else(|e| e.into_inner()) != now
+    }
+
+    /// Writes one of avgate's own files (`.ign2`, `.sfp`, extra signatures)
+    /// into clamd's database directory. clamd uses it after the next reload
+    /// ([`crate::signatures::Signatures::reload`]).
+    pub fn write_local_file(&self, name: &str, contents: &[u8]) -> anyhow::Result<()> {
+        self.layout.write_local_file(name, contents)
+    }
+
+    /// Removes one of avgate's own files; `false` when there was none.
+    pub fn remove_local_file(&self, name: &str) -> anyhow::Result<bool> {
+        self.layout.remove_local_file(name)
+    }
+
+    /// Events from clamd's log: subscribe before sending RELOAD, then wait
+    /// for the next change.
+    pub fn subscribe_events(&self) -> watch::Receiver<ClamdEvent> {
+        self.events.subscribe()
     }
 
     /// Runs clamd until `stop` is cancelled, restarting it when it exits.
@@ -229,11 +372,12 @@ impl ManagedClamd {
         // clamd's own log lines go into ours, tagged, so one log stream
         // tells the whole story.
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward_lines(out));
+            tokio::spawn(forward_lines(out, self.events.clone()));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward_lines(err));
+            tokio::spawn(forward_lines(err, self.events.clone()));
         }
+        self.events.send_replace(ClamdEvent::Started);
         Ok(child)
     }
 
@@ -259,12 +403,26 @@ impl ManagedClamd {
     }
 }
 
-async fn forward_lines(pipe: impl tokio::io::AsyncRead + Unpin) {
+async fn forward_lines(
+    pipe: impl tokio::io::AsyncRead + Unpin,
+    events: Arc<watch::Sender<ClamdEvent>>,
+) {
     let mut lines = BufReader::new(pipe).lines();
+    let mut last_error = String::new();
     while let Ok(Some(line)) = lines.next_line().await {
         let line = line.trim();
         if line.is_empty() {
             continue;
+        }
+        match reload_event(line) {
+            Some(ClamdEvent::ReloadFailed(_)) => {
+                events.send_replace(ClamdEvent::ReloadFailed(last_error.clone()));
+            }
+            Some(event) => {
+                events.send_replace(event);
+            }
+            None if line.contains("ERROR") => last_error = line.to_owned(),
+            None => {}
         }
         if line.contains("ERROR") || line.contains("WARNING") {
             tracing::warn!(target: "clamd", "{line}");
@@ -276,6 +434,18 @@ async fn forward_lines(pipe: impl tokio::io::AsyncRead + Unpin) {
             tracing::info!(target: "clamd", "{line}");
         }
     }
+}
+
+/// A line of clamd's log that ends a reload (clamd 1.4:
+/// `Database correctly reloaded (N signatures)`, or `Database reload
+/// failed, keeping the previous instance` after the error).
+fn reload_event(line: &str) -> Option<ClamdEvent> {
+    if let Some(rest) = line.split("Database correctly reloaded (").nth(1) {
+        let signatures = rest.split_whitespace().next()?.parse().ok()?;
+        return Some(ClamdEvent::Reloaded { signatures });
+    }
+    line.contains("Database reload failed")
+        .then(|| ClamdEvent::ReloadFailed(String::new()))
 }
 
 /// Sleeps, or returns true at once when asked to stop.
@@ -326,58 +496,40 @@ fn find_clamd(configured: Option<&Path>) -> anyhow::Result<PathBuf> {
     )
 }
 
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-    } else if let Ok(meta) = std::fs::metadata(dir) {
-        if meta.permissions().mode() & 0o002 != 0 {
-            tracing::warn!(dir = %dir.display(), "the data directory is world-writable");
+/// Says at start-up which signatures clamd will run with, loudly when
+/// they are only the test signatures.
+fn announce_database(report: &SyncReport, layout: &DatabaseLayout, mode: &UpdateMode) {
+    match report.kind {
+        DatabaseKind::TestSignaturesOnly | DatabaseKind::Custom => {
+            let next = match mode {
+                UpdateMode::Freshclam(f) => format!(
+                    "avgate runs freshclam ({}) shortly and then every {:?}, and switches to the official \
+                     database as soon as it has one (freshclam needs to reach a mirror)",
+                    f.executable.display(),
+                    f.interval
+                ),
+                UpdateMode::Follow { why } => format!(
+                    "updates: {why}. Run `freshclam` (apt-get install clamav-freshclam): avgate switches \
+                     to the official database when {SYSTEM_DATABASE} has one"
+                ),
+            };
+            tracing::warn!(
+                database = %layout.dir.display(),
+                kind = report.kind.as_str(),
+                linked = ?report.linked,
+                "NO MALWARE SIGNATURES: no official ClamAV database yet, so clamd runs with avgate's \
+                 test signatures (EICAR and clamav-testfiles) and any custom ones. It will not detect \
+                 real malware. {next}."
+            );
         }
+        kind => tracing::info!(
+            database = %layout.dir.display(),
+            kind = kind.as_str(),
+            source = ?report.official_source,
+            linked = ?report.linked,
+            "signature database"
+        ),
     }
-    Ok(())
-}
-
-/// Does `dir` hold an official (signed) database?
-fn has_official_database(dir: &Path) -> bool {
-    ["main.cvd", "main.cld", "daily.cvd", "daily.cld"]
-        .iter()
-        .any(|f| dir.join(f).is_file())
-}
-
-fn choose_database(config: &Config, dir: &Path) -> anyhow::Result<(PathBuf, DatabaseKind)> {
-    if let Some(db) = &config.managed.database_dir {
-        if !db.is_dir() {
-            bail!("managed.database_dir {} is not a directory", db.display());
-        }
-        let kind = if has_official_database(db) {
-            DatabaseKind::Official
-        } else {
-            DatabaseKind::Custom
-        };
-        return Ok((db.clone(), kind));
-    }
-    let system = Path::new(SYSTEM_DATABASE);
-    if has_official_database(system) {
-        return Ok((system.to_owned(), DatabaseKind::Official));
-    }
-    let test_db = dir.join("test-db");
-    create_private_dir(&test_db)?;
-    for (name, content) in TEST_SIGNATURES {
-        std::fs::write(test_db.join(name), content)
-            .with_context(|| format!("cannot write {}", test_db.join(name).display()))?;
-    }
-    tracing::warn!(
-        database = %test_db.display(),
-        "NO MALWARE SIGNATURES: {SYSTEM_DATABASE} holds no official ClamAV database, so clamd runs with \
-         avgate's test signatures only (EICAR and clamav-testfiles). It will not detect real malware. \
-         Run `freshclam` (apt-get install clamav-freshclam) and restart avgate."
-    );
-    Ok((test_db, DatabaseKind::TestSignaturesOnly))
 }
 
 /// clamd.conf for the managed clamd. Every limit avgate relies on is set
@@ -438,7 +590,8 @@ fn clamd_conf(
          AlertEncrypted yes\n\
          DisableCache {cache}\n\
          ConcurrentDatabaseReload yes\n\
-         SelfCheck 3600\n",
+         # avgate reloads clamd itself, after re-linking the database directory.\n\
+         SelfCheck 0\n",
         socket = socket.display(),
         pid = pid.display(),
         database = database.display(),
@@ -487,6 +640,8 @@ mod tests {
             "MaxThreads 8",
             "MaxScanTime 120000",
             "Foreground yes",
+            "ConcurrentDatabaseReload yes",
+            "SelfCheck 0",
         ] {
             assert!(
                 conf.lines().any(|l| l == line),
@@ -497,9 +652,28 @@ mod tests {
 
     #[test]
     fn test_signatures_are_embedded() {
-        let all: String = TEST_SIGNATURES.iter().map(|(_, c)| *c).collect();
+        let all: String = database::TEST_SIGNATURES.iter().map(|(_, c)| *c).collect();
         assert!(all.contains("Eicar-Test-Signature"));
         assert!(all.contains("ClamAV-Test-File"));
+    }
+
+    #[test]
+    fn reload_results_are_read_from_clamds_log() {
+        assert_eq!(
+            reload_event("Database correctly reloaded (8693621 signatures)"),
+            Some(ClamdEvent::Reloaded {
+                signatures: 8_693_621
+            })
+        );
+        assert_eq!(
+            reload_event("WARNING: Database reload failed, keeping the previous instance"),
+            Some(ClamdEvent::ReloadFailed(String::new()))
+        );
+        assert_eq!(
+            reload_event("Activating the newly loaded database..."),
+            None
+        );
+        assert_eq!(reload_event("Reading databases from /d/db"), None);
     }
 }
 

@@ -60,12 +60,14 @@ pub struct ScanResult {
     pub engine: EngineInfo,
 }
 
-/// Streams `body` through every engine and decides the verdict.
+/// Streams `body` through every engine and decides the verdict, with the
+/// policy in force when the engines have answered.
 ///
 /// `size_hint` is what the client declared (checked against `max_size`
 /// before anything is read); the real size is counted as bytes arrive.
 pub async fn scan<S>(
     engines: &[Arc<dyn Engine>],
+    policy: &crate::policy::Policy,
     filename: Option<String>,
     body: S,
     size_hint: Option<u64>,
@@ -113,7 +115,8 @@ where
     for scan in scans {
         reports.push(scan.finish().await?);
     }
-    let verdict = verdict::decide(&reports);
+    let sha256 = hex::encode(hasher.finalize());
+    let verdict = verdict::decide_with_policy(&reports, &sha256, &policy.snapshot());
     let engine = reports
         .into_iter()
         .next()
@@ -122,7 +125,7 @@ where
     Ok(ScanResult {
         filename,
         verdict,
-        sha256: hex::encode(hasher.finalize()),
+        sha256,
         size,
         duration_ms: started.elapsed().as_millis() as u64,
         engine,

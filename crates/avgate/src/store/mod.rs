@@ -15,6 +15,7 @@ use ipnet::IpNet;
 
 use crate::auth::token::TokenHash;
 use crate::auth::{RateSpec, Scope};
+use crate::policy::PolicyRecord;
 use clock::Month;
 
 pub use sqlite::SqliteStore;
@@ -140,4 +141,20 @@ pub trait Store: Send + Sync + 'static {
 
     /// The newest `limit` audit records, newest first.
     async fn recent_audit(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError>;
+
+    /// Adds a policy entry, atomically unless one of the same kind and
+    /// value is in force at `now` (not removed, not expired): then nothing
+    /// changes and the answer is false. Bumps the policy version.
+    async fn insert_policy(&self, entry: &PolicyRecord, now: i64) -> Result<bool, StoreError>;
+
+    /// Every policy entry, removed and expired ones included, oldest first.
+    async fn list_policy(&self) -> Result<Vec<PolicyRecord>, StoreError>;
+
+    /// Marks an entry removed; false when there is none or it already was.
+    /// Bumps the policy version.
+    async fn remove_policy(&self, id: &str, at: i64, by: &str) -> Result<bool, StoreError>;
+
+    /// A counter that every policy change increments: servers poll it to
+    /// notice changes made elsewhere (the CLI, another host).
+    async fn policy_version(&self) -> Result<u64, StoreError>;
 }

@@ -20,6 +20,7 @@ use super::clock::Month;
 use super::{AuditRecord, Store, StoreError, TokenRecord, Usage};
 use crate::auth::token::TokenHash;
 use crate::auth::{RateSpec, Scope};
+use crate::policy::{Kind, PolicyRecord};
 
 pub const FILE_NAME: &str = "avgate.db";
 
@@ -59,6 +60,25 @@ const MIGRATIONS: &[&str] = &[
         detail TEXT
     );
     CREATE INDEX audit_at ON audit(at);",
+    // 2: the false-positive policy (ignore, allow, block) and its version
+    // counter, which running servers poll.
+    "CREATE TABLE policy (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        author TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        removed_at INTEGER,
+        removed_by TEXT
+    );
+    CREATE INDEX policy_kind_value ON policy(kind, value);
+    CREATE TABLE policy_version (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL
+    );
+    INSERT INTO policy_version (id, version) VALUES (1, 0);",
 ];
 
 /// The schema version this build writes.
@@ -239,6 +259,39 @@ fn bad_column(i: usize, name: &str) -> rusqlite::Error {
         rusqlite::types::Type::Text,
         format!("invalid {name} in the tokens table").into(),
     )
+}
+
+const POLICY_COLUMNS: &str =
+    "id, kind, value, reason, author, created_at, expires_at, removed_at, removed_by";
+
+fn policy_from_row(row: &Row<'_>) -> rusqlite::Result<PolicyRecord> {
+    let kind: String = row.get(1)?;
+    let kind = kind.parse::<Kind>().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            1,
+            rusqlite::types::Type::Text,
+            "invalid kind in the policy table".into(),
+        )
+    })?;
+    Ok(PolicyRecord {
+        id: row.get(0)?,
+        kind,
+        value: row.get(2)?,
+        reason: row.get(3)?,
+        author: row.get(4)?,
+        created_at: row.get(5)?,
+        expires_at: row.get(6)?,
+        removed_at: row.get(7)?,
+        removed_by: row.get(8)?,
+    })
+}
+
+fn bump_policy_version(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE policy_version SET version = version + 1 WHERE id = 1",
+        [],
+    )
+    .map(drop)
 }
 
 fn audit_from_row(row: &Row<'_>) -> rusqlite::Result<AuditRecord> {
@@ -460,6 +513,91 @@ impl Store for SqliteStore {
                 .query_map([limit as i64], audit_from_row)
                 .map_err(backend)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn insert_policy(&self, entry: &PolicyRecord, now: i64) -> Result<bool, StoreError> {
+        let e = entry.clone();
+        self.call(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            // One statement: the check for a live duplicate and the insert
+            // cannot be split by another writer.
+            let inserted = tx
+                .execute(
+                    &format!(
+                        "INSERT INTO policy ({POLICY_COLUMNS}) \
+                         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, NULL \
+                         WHERE NOT EXISTS (SELECT 1 FROM policy WHERE kind = ?2 AND value = ?3 \
+                         AND removed_at IS NULL AND (expires_at IS NULL OR expires_at > ?8))"
+                    ),
+                    params![
+                        e.id,
+                        e.kind.as_str(),
+                        e.value,
+                        e.reason,
+                        e.author,
+                        e.created_at,
+                        e.expires_at,
+                        now
+                    ],
+                )
+                .map_err(backend)?
+                == 1;
+            if inserted {
+                bump_policy_version(&tx).map_err(backend)?;
+            }
+            tx.commit().map_err(backend)?;
+            Ok(inserted)
+        })
+        .await
+    }
+
+    async fn list_policy(&self) -> Result<Vec<PolicyRecord>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn
+                .prepare(&format!(
+                    "SELECT {POLICY_COLUMNS} FROM policy ORDER BY created_at, rowid"
+                ))
+                .map_err(backend)?;
+            let rows = stmt.query_map([], policy_from_row).map_err(backend)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(backend)
+        })
+        .await
+    }
+
+    async fn remove_policy(&self, id: &str, at: i64, by: &str) -> Result<bool, StoreError> {
+        let (id, by) = (id.to_owned(), by.to_owned());
+        self.call(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            let removed = tx
+                .execute(
+                    "UPDATE policy SET removed_at = ?2, removed_by = ?3 \
+                     WHERE id = ?1 AND removed_at IS NULL",
+                    params![id, at, by],
+                )
+                .map_err(backend)?
+                == 1;
+            if removed {
+                bump_policy_version(&tx).map_err(backend)?;
+            }
+            tx.commit().map_err(backend)?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn policy_version(&self) -> Result<u64, StoreError> {
+        self.call(|conn| {
+            conn.query_row("SELECT version FROM policy_version WHERE id = 1", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(backend)
         })
         .await
     }
