@@ -85,7 +85,7 @@ pub struct ServeArgs {
     /// challenges, and a 308 redirect to HTTPS for everything else.
     #[arg(long, value_name = "ADDR", help_heading = "TLS")]
     pub http_listen: Option<SocketAddr>,
-    /// Prometheus metrics listener (GET /metrics) [default: 127.0.0.1:9090];
+    /// Prometheus metrics listener (GET /metrics) [default: 127.0.0.1:9464];
     /// never the public one. `metrics.enabled = false` turns it off.
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,

@@ -153,7 +153,7 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig {
             enabled: true,
-            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
         }
     }
 }
@@ -916,7 +916,7 @@ mod tests {
     fn metrics_listen_on_loopback_and_never_on_the_public_listener() {
         let c = Config::load(None, vec![], &Overrides::default()).unwrap();
         assert!(c.metrics.enabled);
-        assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9464");
         let flag = Overrides {
             metrics_listen: Some("127.0.0.1:9464".parse().unwrap()),
             ..Default::default()
