@@ -212,6 +212,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let run = crate::managed::updates::run(m.clone(), signatures.clone(), stop.clone());
         tasks.push(tokio::spawn(run));
     }
+    // Use of tokens without quotas, counted in memory: written every
+    // second, and once more after the last request (below).
+    tasks.push(tokio::spawn(auth.clone().flush_usage_every(
+        crate::auth::usage::FLUSH_INTERVAL,
+        stop.clone(),
+    )));
     // Policy changes (store polled, expiry, SIGHUP) into the managed clamd.
     tasks.push(tokio::spawn(policy.run(reloader.subscribe(), stop.clone())));
     let managed_task = managed.map(|m| tokio::spawn(m.supervise(clamd_stop.clone())));
@@ -260,8 +266,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
         let acceptor = tls.as_ref().map(|t| t.acceptor.clone());
         let stop = stop.clone();
+        let auth = auth.clone();
         tasks.push(tokio::spawn(async move {
             server::serve(listener, app, limits, acceptor, stop.cancelled_owned()).await;
+            // Every request has been answered: what they counted in memory
+            // goes to the store before the process ends.
+            if let Err(e) = auth.flush_usage().await {
+                tracing::error!(error = %e, "token usage of the last second could not be written");
+            }
             clamd_stop.cancel();
             if let Some(task) = managed_task {
                 let _ = task.await;

@@ -183,3 +183,86 @@ pub fn set_log_level(level: Option<&str>) -> Result<bool, String> {
         .map_err(|e| e.to_string())?;
     set(filter).map(|()| true)
 }
+
+/// Where the store is, for the commands that work on it directly (`token`,
+/// `policy`): the same `--config` and `--data-dir` as `serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// TOML configuration file (its data_dir is used).
+    #[arg(long, short = 'c', env = "AVGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// State directory [default: ~/.local/share/avgate].
+    #[arg(long, env = "AVGATE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// Opens the store in the configured data directory.
+    pub fn open(&self) -> anyhow::Result<crate::store::SqliteStore> {
+        let overrides = Overrides {
+            data_dir: self.data_dir.clone(),
+            ..Default::default()
+        };
+        let config = Config::load(self.config.as_deref(), std::env::vars(), &overrides)?;
+        Ok(crate::store::SqliteStore::open(&config.data_dir)?)
+    }
+}
+
+/// Runs a store command to its end on a single-threaded runtime. The exit
+/// code follows `main`'s convention: 0 success, 2 when `is_usage` says the
+/// error is the user's (or the configuration is invalid), 1 otherwise.
+pub fn run_command(
+    command: impl std::future::Future<Output = anyhow::Result<()>>,
+    is_usage: impl FnOnce(&anyhow::Error) -> bool,
+) -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("avgate: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("avgate: {e:#}");
+            let usage = is_usage(&e) || e.downcast_ref::<crate::config::ConfigError>().is_some();
+            std::process::ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}
+
+/// A table for people: columns padded to their widest cell, two spaces
+/// apart, no trailing blanks; `empty` below the header when there are no
+/// rows.
+pub fn table<const N: usize>(header: [&str; N], rows: &[[String; N]], empty: &str) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut s = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        s.truncate(s.trim_end().len());
+        s.push('\n');
+        s
+    };
+    let mut out = line(&header.map(String::from));
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    if rows.is_empty() {
+        out.push_str(empty);
+        out.push('\n');
+    }
+    out
+}

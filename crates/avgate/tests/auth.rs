@@ -6,13 +6,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use avgate::auth::manage::{self, Actor, TokenOptions};
 use avgate::auth::token::Token;
 use avgate::config::Config;
 use avgate::store::{clock, SqliteStore, Store};
+use common::binary::Server;
 use common::*;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use serde_json::{json, Value};
@@ -450,6 +451,8 @@ async fn a_token_cannot_take_more_than_its_concurrent_scans() {
     assert_eq!(status, 200, "{body}");
     let (status, body, _) = post(&gw, "/v1/scan/raw", &bearer(&one), b"x").await;
     assert_eq!(status, 200, "the slot is free again: {body}");
+    // Without quotas, use is counted in memory; a clean stop writes it.
+    gw.stop().await;
     assert!(
         store
             .usage(&one_id, clock::Month::current())
@@ -458,7 +461,6 @@ async fn a_token_cannot_take_more_than_its_concurrent_scans() {
             .files
             >= 2
     );
-    gw.stop().await;
 }
 
 /// A stream of the channel's items (reqwest wants a Stream).
@@ -672,52 +674,18 @@ async fn the_admin_api_creates_lists_revokes_and_reports_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
     let clamd = Clamd::start("");
-    let dir = tempfile::Builder::new()
-        .prefix("avg-auth")
-        .tempdir()
-        .unwrap();
-    let data = dir.path().join("data");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let base = format!("http://127.0.0.1:{port}");
-    let (log, errlog) = (dir.path().join("stdout.log"), dir.path().join("stderr.log"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_avgate"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--clamd",
-            &clamd.address(),
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .env("AVGATE_LOG_FORMAT", "json")
+    let mut server = Server::builder("avg-auth")
+        .args(["--clamd", &clamd.address()])
         .env("AVGATE_LOG", "debug")
-        .env("AVGATE_CLAMD__HEALTH_INTERVAL", "400ms")
         .env("AVGATE_RATE_LIMIT__AUTH_FAILURES", "1000/s")
         .env_remove("AVGATE_AUTH__REQUIRED")
         // Not the fixed default port: tests run side by side.
         .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::create(&errlog).unwrap())
-        .spawn()
-        .unwrap();
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
-            if r.status() == 200 {
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "avgate did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let stderr = std::fs::read_to_string(&errlog).unwrap();
+        .stderr_to_file()
+        .start();
+    let (base, data, client) = (&server.base, &server.data, &server.client);
+    server.wait_ready(Duration::from_secs(60)).await;
+    let stderr = server.stderr_text();
     let start = stderr
         .find("avg_")
         .unwrap_or_else(|| panic!("no token on stderr: {stderr}"));
@@ -763,7 +731,7 @@ async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
             .args(["token"])
             .args(args)
             .arg("--data-dir")
-            .arg(&data)
+            .arg(data)
             .output()
             .unwrap();
         assert!(
@@ -795,8 +763,21 @@ async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
     assert!(!list.contains(&second[4..]) && !list.contains(&first[4..]));
     let listed: Value = serde_json::from_str(&cli(&["list", "--json"])).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 2);
-    let usage: Value = serde_json::from_str(&cli(&["usage", "default", "--json"])).unwrap();
-    assert_eq!(usage["files"], 1, "{usage}");
+    // A token without quotas is counted in memory and written every
+    // second: another process sees its use within about that.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let usage: Value = serde_json::from_str(&cli(&["usage", "default", "--json"])).unwrap();
+        if usage["files"] == 1 {
+            break;
+        }
+        assert_eq!(usage["files"], 0, "{usage}");
+        assert!(
+            Instant::now() < deadline,
+            "the use never reached the store: {usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The admin token made by the CLI works at once over HTTP.
     let r = client
@@ -821,18 +802,27 @@ async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
     let (status, _) = scan(Some(mangled), format!("{base}/v1/scan")).await;
     assert_eq!(status, 401);
     assert!(cli(&["revoke", "default"]).contains("revoked"));
-    let (status, _) = scan(Some(first.clone()), format!("{base}/v1/scan")).await;
-    assert_eq!(status, 401, "a revoked token is refused at once");
+    // The server keeps verified tokens for a second (auth::cache::TTL): a
+    // revocation by another process applies within that.
+    let revoked_at = Instant::now();
+    loop {
+        let (status, body) = scan(Some(first.clone()), format!("{base}/v1/scan")).await;
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            revoked_at.elapsed() < Duration::from_millis(1500),
+            "a token revoked by the CLI was still accepted after {:?}",
+            revoked_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(server.terminate(Duration::from_secs(60)).success());
 
-    let log = std::fs::read_to_string(&log).unwrap();
-    let stderr = std::fs::read_to_string(&errlog).unwrap();
+    let log = server.log_text();
+    let stderr = server.stderr_text();
     for secret in [&first, &second] {
         assert!(!log.contains(&secret[4..]), "a token in the logs");
     }
@@ -856,5 +846,4 @@ async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
             "no {event} audit line"
         );
     }
-    let _ = std::fs::remove_dir_all(dir.path());
 }

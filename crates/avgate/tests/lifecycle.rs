@@ -3,210 +3,93 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::binary::{alive, Server};
 use common::*;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
-struct Server {
-    child: Child,
-    base: String,
-    client: reqwest::Client,
-    log: PathBuf,
-    data: PathBuf,
-    root: tempfile::TempDir,
+/// The binary without tokens, with the configuration file `config` if
+/// any; without one, no freshclam (no mirror is reachable from the tests).
+fn start(config: Option<&str>) -> Server {
+    let server = Server::builder("avg-life")
+        .env("AVGATE_AUTH__REQUIRED", "false")
+        .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
+        .env_remove("AVGATE_LOG");
+    match config {
+        Some(text) => server.config(text),
+        None => server.env("AVGATE_UPDATES__ENABLED", "false"),
+    }
+    .start()
 }
 
-impl Server {
-    fn start(config: Option<&str>) -> Server {
-        let root = tempfile::Builder::new()
-            .prefix("avg-life")
-            .tempdir()
-            .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = root.path().join("avgate.log");
-        let data = root.path().join("data");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_avgate"));
-        command
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(&data)
-            .env("AVGATE_CLAMD__HEALTH_INTERVAL", "400ms")
-            .env("AVGATE_LOG_FORMAT", "json")
-            .env("AVGATE_AUTH__REQUIRED", "false")
-            .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
-            .env_remove("AVGATE_LOG")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::inherit());
-        match config {
-            Some(text) => {
-                let path = root.path().join("avgate.toml");
-                std::fs::write(&path, text).unwrap();
-                command.arg("--config").arg(path);
+/// Starts a raw upload that sends `chunks` chunks of 64 KiB, a pause
+/// between each (about 640 KiB/s: slow, well above the minimum upload
+/// rate), then EICAR. `sent` counts the chunks handed to the client.
+fn slow_upload(
+    server: &Server,
+    chunks: usize,
+    sent: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<(u16, Value)> {
+    const CHUNK: usize = 64 * 1024;
+    let stream = futures_util::stream::unfold(0usize, move |i| {
+        let sent = sent.clone();
+        async move {
+            if i > chunks {
+                return None;
             }
-            // No mirror is reachable from the tests.
-            None => {
-                command.env("AVGATE_UPDATES__ENABLED", "false");
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            let data = if i == chunks {
+                EICAR.to_vec()
+            } else {
+                random_bytes(CHUNK, i as u64 + 77)
+            };
+            sent.fetch_add(1, Ordering::SeqCst);
+            Some((Ok::<_, std::io::Error>(bytes::Bytes::from(data)), i + 1))
         }
-        Server {
-            child: command.spawn().unwrap(),
-            base: format!("http://127.0.0.1:{port}"),
-            client: reqwest::Client::new(),
-            log,
-            data,
-            root,
-        }
-    }
+    });
+    let request = server
+        .client
+        .post(server.url("/v1/scan/raw"))
+        .header("content-type", "application/octet-stream")
+        .header("x-filename", "slow.bin")
+        .body(reqwest::Body::wrap_stream(stream))
+        .timeout(Duration::from_secs(120));
+    tokio::spawn(async move { json(request.send().await.expect("the upload is answered")).await })
+}
 
-    fn config_path(&self) -> PathBuf {
-        self.root.path().join("avgate.toml")
-    }
-
-    async fn readyz(&self) -> Option<(u16, Value)> {
-        let r = self
-            .client
-            .get(format!("{}/readyz", self.base))
-            .send()
-            .await
-            .ok()?;
-        Some(json(r).await)
-    }
-
-    async fn wait_until(
-        &self,
-        limit: Duration,
-        what: &str,
-        f: impl Fn(u16, &Value) -> bool,
-    ) -> Value {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some((status, body)) = self.readyz().await {
-                if f(status, &body) {
-                    return body;
-                }
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "avgate did not exit");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Starts a raw upload that sends `chunks` chunks of 64 KiB, a pause
-    /// between each (about 640 KiB/s: slow, well above the minimum upload
-    /// rate), then EICAR. `sent` counts the chunks handed to the client.
-    fn slow_upload(
-        &self,
-        chunks: usize,
-        sent: Arc<AtomicUsize>,
-    ) -> tokio::task::JoinHandle<(u16, Value)> {
-        const CHUNK: usize = 64 * 1024;
-        let stream = futures_util::stream::unfold(0usize, move |i| {
-            let sent = sent.clone();
-            async move {
-                if i > chunks {
-                    return None;
-                }
-                if i > 0 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                let data = if i == chunks {
-                    EICAR.to_vec()
-                } else {
-                    random_bytes(CHUNK, i as u64 + 77)
-                };
-                sent.fetch_add(1, Ordering::SeqCst);
-                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(data)), i + 1))
-            }
-        });
-        let request = self
-            .client
-            .post(format!("{}/v1/scan/raw", self.base))
-            .header("content-type", "application/octet-stream")
-            .header("x-filename", "slow.bin")
-            .body(reqwest::Body::wrap_stream(stream))
-            .timeout(Duration::from_secs(120));
-        tokio::spawn(
-            async move { json(request.send().await.expect("the upload is answered")).await },
-        )
-    }
-
-    /// Waits until the upload has reached clamd (a backend slot is taken).
-    async fn wait_in_flight(&self) {
-        self.wait_until(Duration::from_secs(30), "a scan in flight", |_, v| {
+/// Waits until the upload has reached clamd (a backend slot is taken).
+async fn wait_in_flight(server: &Server) {
+    server
+        .wait_until(Duration::from_secs(30), "a scan in flight", |_, v| {
             v["backends"][0]["in_flight"].as_u64() >= Some(1)
         })
         .await;
-    }
-
-    fn log_lines(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.log)
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-            .collect()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn alive(pid: i64) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
 }
 
 const CHUNKS: usize = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_upload_in_flight_finish_then_exits_0() {
-    let mut server = Server::start(None);
-    let ready = server
-        .wait_until(Duration::from_secs(60), "ready", |s, _| s == 200)
-        .await;
+    let mut server = start(None);
+    let ready = server.wait_ready(Duration::from_secs(60)).await;
     let clamd_pid = ready["managed_clamd"]["pid"].as_i64().unwrap();
 
     let sent = Arc::new(AtomicUsize::new(0));
-    let upload = server.slow_upload(CHUNKS, sent.clone());
-    server.wait_in_flight().await;
+    let upload = slow_upload(&server, CHUNKS, sent.clone());
+    wait_in_flight(&server).await;
     server.signal(Signal::SIGTERM);
 
     // New connections are refused at once, while the upload goes on.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let probe = reqwest::Client::new()
-            .get(format!("{}/healthz", server.base))
+            .get(server.url("/healthz"))
             .timeout(Duration::from_secs(2))
             .send()
             .await;
@@ -234,17 +117,15 @@ async fn sigterm_lets_an_upload_in_flight_finish_then_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_configuration_and_signatures_without_dropping_a_request() {
-    let mut server = Server::start(Some(
+    let mut server = start(Some(
         "max_database_age = \"3d\"\nlog_level = \"info\"\n[updates]\nenabled = false\n",
     ));
-    let ready = server
-        .wait_until(Duration::from_secs(60), "ready", |s, _| s == 200)
-        .await;
+    let ready = server.wait_ready(Duration::from_secs(60)).await;
     let clamd_pid = ready["managed_clamd"]["pid"].as_i64().unwrap();
 
     let sent = Arc::new(AtomicUsize::new(0));
-    let upload = server.slow_upload(CHUNKS, sent.clone());
-    server.wait_in_flight().await;
+    let upload = slow_upload(&server, CHUNKS, sent.clone());
+    wait_in_flight(&server).await;
 
     // A new signature file, a tighter maximum age and debug logging, then
     // SIGHUP while the upload is in flight.
@@ -274,16 +155,13 @@ async fn sighup_reloads_configuration_and_signatures_without_dropping_a_request(
         .await;
     assert_eq!(after["signatures"]["last_reload"]["ok"], true, "{after}");
     assert_eq!(after["signatures"]["last_reload"]["reason"], "SIGHUP");
-    let part = reqwest::multipart::Part::bytes([&b"< "[..], pattern, b" >"].concat())
-        .file_name("sample.txt");
-    let r = server
-        .client
-        .post(format!("{}/v1/scan", server.base))
-        .multipart(reqwest::multipart::Form::new().part("file", part))
-        .send()
-        .await
-        .unwrap();
-    let (status, found) = json(r).await;
+    let (status, found) = post_file(
+        &server.client,
+        &server.url("/v1/scan"),
+        "sample.txt",
+        [&b"< "[..], pattern, b" >"].concat(),
+    )
+    .await;
     assert_eq!(status, 200, "{found}");
     assert_eq!(
         found["signature"], "Avgate-Sighup-Test.UNOFFICIAL",
@@ -318,7 +196,6 @@ async fn sighup_reloads_configuration_and_signatures_without_dropping_a_request(
         "debug lines after the reload"
     );
 
-    server.signal(Signal::SIGTERM);
-    let status = server.wait_exit(Duration::from_secs(60));
+    let status = server.terminate(Duration::from_secs(60));
     assert!(status.success(), "{status:?}");
 }

@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::binary::Server;
 use common::*;
 use serde_json::Value;
 
@@ -353,20 +354,9 @@ fn the_grafana_dashboard_is_valid_and_asks_for_a_prometheus_datasource() {
 /// file content; `--metrics-listen` moves the metrics listener.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_scan_logs_one_json_line_with_its_context_and_no_content() {
-    let dir = tempfile::Builder::new()
-        .prefix("avg-met")
-        .tempdir()
-        .unwrap();
-    let data = dir.path().join("data");
-    let free_port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (port, metrics_port) = (free_port(), free_port());
-    let base = format!("http://127.0.0.1:{port}");
+    let server = Server::builder("avg-met");
+    let data = server.data_dir();
+    let metrics_port = free_port();
 
     let created = Command::new(env!("CARGO_BIN_EXE_avgate"))
         .args(["token", "create", "--name", "partner-a", "--data-dir"])
@@ -386,34 +376,12 @@ async fn each_scan_logs_one_json_line_with_its_context_and_no_content() {
         .to_owned();
     assert!(token.starts_with("avg_"), "{token}");
 
-    let log = dir.path().join("stdout.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_avgate"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+    let mut server = server
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-        .arg("--data-dir")
-        .arg(&data)
-        .env("AVGATE_LOG_FORMAT", "json")
-        .env("AVGATE_CLAMD__HEALTH_INTERVAL", "400ms")
         .env_remove("AVGATE_AUTH__REQUIRED")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
-            if r.status() == 200 {
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("avgate did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        .start();
+    server.wait_ready(Duration::from_secs(90)).await;
+    let (base, client) = (server.base.clone(), server.client.clone());
 
     // EICAR over multipart with the token; a clean file over the raw
     // endpoint, whose content and hostile name must not reach the log.
@@ -476,25 +444,10 @@ async fn each_scan_logs_one_json_line_with_its_context_and_no_content() {
     );
 
     // Stop it so that every line is written.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("avgate did not stop on SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    server.terminate(Duration::from_secs(30));
 
-    let log = std::fs::read_to_string(&log).unwrap();
-    let lines: Vec<Value> = log
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .collect();
+    let log = server.log_text();
+    let lines = server.log_lines();
     let scanned: Vec<&Value> = lines.iter().filter(|l| l["message"] == "scanned").collect();
     assert_eq!(scanned.len(), 2, "one line per scan:\n{log}");
 

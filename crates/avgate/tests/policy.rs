@@ -1,9 +1,10 @@
 //! The false-positive policy against real clamds: ignores applied inside
-//! the managed clamd never hide a second signature on the same file, allow
-//! and block entries change verdicts at once, changes made with the CLI
-//! reach a running server, entries stop applying when they expire, an
-//! external clamd's ignored findings stay FOUND unless the operator opts
-//! in, and the admin API is for admin tokens only.
+//! the managed clamd (also right after a restart) never hide a second
+//! signature on the same file, allow and block entries change verdicts at
+//! once, changes made with the CLI reach a running server, entries stop
+//! applying when they expire, an external clamd's ignored findings stay
+//! FOUND unless the operator opts in, and the admin API is for admin
+//! tokens only.
 
 mod common;
 
@@ -222,6 +223,16 @@ async fn an_ignore_applied_inside_the_managed_clamd_never_hides_another_finding(
     tokio::time::sleep(Duration::from_secs(1)).await; // a few health probes
     let ready = gw.client.get(gw.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
+
+    // A restart: the files are written before clamd starts, so the first
+    // scan already has the ignore applied.
+    gw.stop().await;
+    let gw = Gateway::start(managed_config(dir.path())).await;
+    let (_, two) = gw.scan("two.txt", eicar_then_second()).await;
+    assert_eq!(two["signature"], SECOND_NAME, "{two}");
+    let (_, listing) = call(&gw, Method::GET, "/v1/admin/policy", Some(&token), None).await;
+    assert_eq!(listing["clamd"]["state"], "applied", "{listing}");
+    assert_eq!(listing["clamd"]["applied_version"], listing["version"]);
 
     // Removed: EICAR is found again, first as before.
     remove(&gw, &token, entry["id"].as_str().unwrap()).await;

@@ -96,14 +96,7 @@ impl Gw {
 }
 
 async fn scan(client: &reqwest::Client, base: &str, name: &str, data: Vec<u8>) -> (u16, Value) {
-    let part = reqwest::multipart::Part::bytes(data).file_name(name.to_owned());
-    let r = client
-        .post(format!("{base}/v1/scan"))
-        .multipart(reqwest::multipart::Form::new().part("file", part))
-        .send()
-        .await
-        .expect("request");
-    json(r).await
+    post_file(client, &format!("{base}/v1/scan"), name, data).await
 }
 
 /// A managed clamd in `root/data`, without updates and with an empty

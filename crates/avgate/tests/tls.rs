@@ -68,14 +68,6 @@ fn replace(path: &Path, contents: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// An HTTPS client that trusts only `root_pem` and, with `resolve`, sends
 /// that name to the given address. Every request makes a new connection
 /// with a full handshake (no session resumption), so that each one sees
@@ -490,14 +482,13 @@ async fn acme_issues_from_pebble_caches_owner_only_and_renews_without_restart() 
     let first = peer_cert(&r);
     assert_eq!(r.headers()["strict-transport-security"], HSTS);
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
-    let part = reqwest::multipart::Part::bytes(EICAR.to_vec()).file_name("eicar.com");
-    let r = client
-        .post(format!("{base}/v1/scan"))
-        .multipart(reqwest::multipart::Form::new().part("file", part))
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = json(r).await;
+    let (status, body) = post_file(
+        &client,
+        &format!("{base}/v1/scan"),
+        "eicar.com",
+        EICAR.to_vec(),
+    )
+    .await;
     assert_eq!(
         (status, body["status"].as_str()),
         (200, Some("FOUND")),

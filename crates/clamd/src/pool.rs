@@ -4,13 +4,19 @@
 //! between a burst of uploads and a clamd that silently stops accepting:
 //! each backend gets at most `max_concurrent` scans from us (no more than
 //! its MaxThreads), and a caller that cannot get a slot in time is told so.
+//!
+//! Callers that find every slot taken wait in one queue and are served
+//! first come, first served: a freed slot is handed to the oldest waiter
+//! that may use it (its excluded backends aside), which then does not have
+//! to race newer callers for it, and nobody else is woken.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::conn::{Address, Connection, Error, Timeouts};
 use crate::proto::{ScanReply, Version};
@@ -287,18 +293,149 @@ pub enum AcquireError {
 #[derive(Debug)]
 pub struct Pool {
     backends: Vec<Arc<Backend>>,
-    released: Arc<Notify>,
+    queue: Arc<Queue>,
     timeouts: Timeouts,
+}
+
+/// Hands out slots: at once while nobody waits, else in arrival order.
+struct Queue {
+    backends: Vec<Arc<Backend>>,
+    waiters: Mutex<Waiters>,
+}
+
+#[derive(Default)]
+struct Waiters {
+    next_id: u64,
+    queue: VecDeque<Waiter>,
+}
+
+/// A caller waiting for a slot. It gets its lease (or, once no backend it
+/// may use is healthy, the error) through `answer`.
+struct Waiter {
+    id: u64,
+    exclude: Vec<usize>,
+    answer: oneshot::Sender<Result<Lease, AcquireError>>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("waiting", &self.lock().queue.len())
+            .finish()
+    }
+}
+
+/// What one attempt to take a slot found.
+enum Pick {
+    Lease(Lease),
+    /// Healthy backends exist, but none has a free slot.
+    Busy,
+    NoneHealthy,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a slot on the least busy healthy backend not in `exclude`.
+    /// Called with the waiters locked, so that slots are only ever taken
+    /// in queue order.
+    fn pick(self: &Arc<Self>, exclude: &[usize]) -> Pick {
+        let mut candidates: Vec<(usize, &Arc<Backend>)> = self
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(i, b)| b.is_healthy() && !exclude.contains(i))
+            .collect();
+        if candidates.is_empty() {
+            return Pick::NoneHealthy;
+        }
+        // A backend being reloaded takes scans only when no other can.
+        if candidates.iter().any(|(_, b)| !b.is_draining()) {
+            candidates.retain(|(_, b)| !b.is_draining());
+        }
+        // Least busy relative to its capacity first.
+        candidates.sort_by_key(|(_, b)| (b.in_flight() * 1000) / b.max_concurrent);
+        for (index, backend) in candidates {
+            if let Ok(permit) = backend.slots.clone().try_acquire_owned() {
+                backend.in_flight.fetch_add(1, Ordering::Relaxed);
+                backend.scans.fetch_add(1, Ordering::Relaxed);
+                return Pick::Lease(Lease {
+                    index,
+                    backend: backend.clone(),
+                    queue: self.clone(),
+                    permit: Some(permit),
+                });
+            }
+        }
+        Pick::Busy
+    }
+
+    /// Serves the waiters, oldest first, with the slots free now; answers
+    /// those that no healthy backend is left for; drops those that gave
+    /// up. A lease whose waiter gave up at that very moment is put in
+    /// `undelivered`: the caller drops it once the lock is released, which
+    /// frees its slot for the next waiter.
+    fn serve(self: &Arc<Self>, waiters: &mut Waiters, undelivered: &mut Vec<Lease>) {
+        // Once a waiter that excludes nothing finds no slot, no other such
+        // waiter can find one: skip them.
+        let mut full = false;
+        let mut i = 0;
+        while i < waiters.queue.len() {
+            let waiter = &waiters.queue[i];
+            if waiter.answer.is_closed() {
+                waiters.queue.remove(i);
+                continue;
+            }
+            if full && waiter.exclude.is_empty() {
+                i += 1;
+                continue;
+            }
+            let answer = match self.pick(&waiter.exclude) {
+                Pick::Busy => {
+                    full |= waiter.exclude.is_empty();
+                    i += 1;
+                    continue;
+                }
+                Pick::NoneHealthy => Err(AcquireError::NoneHealthy),
+                Pick::Lease(lease) => Ok(lease),
+            };
+            let waiter = waiters.queue.remove(i).expect("the waiter is there");
+            if let Err(Ok(lease)) = waiter.answer.send(answer) {
+                lease.backend.scans.fetch_sub(1, Ordering::Relaxed);
+                undelivered.push(lease);
+            }
+        }
+    }
+
+    /// Serves the waiters: a slot was freed or a backend's health changed.
+    fn dispatch(self: &Arc<Self>) {
+        let mut undelivered = Vec::new();
+        {
+            let mut waiters = self.lock();
+            if waiters.queue.is_empty() {
+                return;
+            }
+            self.serve(&mut waiters, &mut undelivered);
+        }
+        // Outside the lock: each drop frees its slot and dispatches again.
+        drop(undelivered);
+    }
 }
 
 impl Pool {
     pub fn new(backends: Vec<BackendConfig>, timeouts: Timeouts) -> Arc<Pool> {
+        let backends: Vec<Arc<Backend>> = backends
+            .into_iter()
+            .map(|b| Arc::new(Backend::new(b)))
+            .collect();
         Arc::new(Pool {
-            backends: backends
-                .into_iter()
-                .map(|b| Arc::new(Backend::new(b)))
-                .collect(),
-            released: Arc::new(Notify::new()),
+            queue: Arc::new(Queue {
+                backends: backends.clone(),
+                waiters: Mutex::new(Waiters::default()),
+            }),
+            backends,
             timeouts,
         })
     }
@@ -332,50 +469,47 @@ impl Pool {
 
     /// Takes a slot on the least busy healthy backend, skipping those in
     /// `exclude` (backends that already failed this request). Waits up to
-    /// `wait` for a slot when all are busy.
+    /// `wait` for a slot when all are busy, behind the callers that were
+    /// already waiting (first come, first served).
     pub async fn acquire(&self, wait: Duration, exclude: &[usize]) -> Result<Lease, AcquireError> {
-        let deadline = Instant::now() + wait;
-        loop {
-            // Register for wake-ups before looking, so a release between
-            // the look and the wait is not missed.
-            let released = self.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-
-            let mut candidates: Vec<(usize, &Arc<Backend>)> = self
-                .backends
-                .iter()
-                .enumerate()
-                .filter(|(i, b)| b.is_healthy() && !exclude.contains(i))
-                .collect();
-            if candidates.is_empty() {
-                return Err(AcquireError::NoneHealthy);
-            }
-            // A backend being reloaded takes scans only when no other can.
-            if candidates.iter().any(|(_, b)| !b.is_draining()) {
-                candidates.retain(|(_, b)| !b.is_draining());
-            }
-            // Least busy relative to its capacity first.
-            candidates.sort_by_key(|(_, b)| (b.in_flight() * 1000) / b.max_concurrent);
-            for (index, backend) in candidates {
-                if let Ok(permit) = backend.slots.clone().try_acquire_owned() {
-                    backend.in_flight.fetch_add(1, Ordering::Relaxed);
-                    backend.scans.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Lease {
-                        index,
-                        backend: backend.clone(),
-                        released: self.released.clone(),
-                        _permit: permit,
-                    });
+        let queue = &self.queue;
+        let mut undelivered = Vec::new();
+        let (id, mut answer) = {
+            let mut waiters = queue.lock();
+            let nobody_waits = waiters.queue.is_empty();
+            if nobody_waits {
+                match queue.pick(exclude) {
+                    Pick::Lease(lease) => return Ok(lease),
+                    Pick::NoneHealthy => return Err(AcquireError::NoneHealthy),
+                    Pick::Busy if wait.is_zero() => return Err(AcquireError::Busy),
+                    Pick::Busy => {}
                 }
             }
-            if tokio::time::timeout_at(deadline.into(), released)
-                .await
-                .is_err()
-            {
-                return Err(AcquireError::Busy);
+            let (tx, rx) = oneshot::channel();
+            let id = waiters.next_id;
+            waiters.next_id += 1;
+            waiters.queue.push_back(Waiter {
+                id,
+                exclude: exclude.to_vec(),
+                answer: tx,
+            });
+            if !nobody_waits {
+                // Those ahead first; a slot only we may use is ours now.
+                queue.serve(&mut waiters, &mut undelivered);
+            }
+            (id, rx)
+        };
+        drop(undelivered);
+        if !wait.is_zero() {
+            if let Ok(answered) = tokio::time::timeout(wait, &mut answer).await {
+                // The queue answers every waiter that has not given up.
+                return answered.unwrap_or(Err(AcquireError::Busy));
             }
         }
+        // Out of time: leave the queue. A lease handed over in the meantime
+        // is ours all the same.
+        queue.lock().queue.retain(|w| w.id != id);
+        answer.try_recv().unwrap_or(Err(AcquireError::Busy))
     }
 
     /// Probes every backend once, concurrently.
@@ -394,8 +528,8 @@ impl Pool {
             }
         });
         futures_join_all(probes).await;
-        // Backends that came up may unblock waiters.
-        self.released.notify_waiters();
+        // Backends that came up (or went down) change what waiters get.
+        self.queue.dispatch();
     }
 
     /// Probes all backends every `interval` until `stop` resolves. Down
@@ -430,7 +564,7 @@ impl Pool {
                             .await;
                     }))
                     .await;
-                    self.released.notify_waiters();
+                    self.queue.dispatch();
                 }
             }
             tokio::select! {
@@ -464,12 +598,21 @@ where
 }
 
 /// A slot on one backend, held for the length of one scan.
-#[derive(Debug)]
 pub struct Lease {
     index: usize,
     backend: Arc<Backend>,
-    released: Arc<Notify>,
-    _permit: OwnedSemaphorePermit,
+    queue: Arc<Queue>,
+    /// Taken (released) by `drop`, before the queue is served.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("index", &self.index)
+            .field("backend", &self.backend.address)
+            .finish()
+    }
 }
 
 impl Lease {
@@ -490,8 +633,9 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
-        // The permit is released right after this; waiters re-check then.
-        self.released.notify_waiters();
+        // The slot is free before the oldest waiter is given it.
+        drop(self.permit.take());
+        self.queue.dispatch();
     }
 }
 
@@ -589,6 +733,118 @@ mod tests {
             leases.push(pool.acquire(Duration::ZERO, &[]).await.unwrap());
         }
         leases
+    }
+
+    #[tokio::test]
+    async fn waiters_are_served_first_come_first_served() {
+        let pool = pool_of(1, 1);
+        pool.backends()[0].set_health(Health::Up);
+        let held = pool.acquire(Duration::ZERO, &[]).await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = Vec::new();
+        for n in 0..5 {
+            let (waiting, tx) = (pool.clone(), tx.clone());
+            tasks.push(tokio::spawn(async move {
+                let lease = waiting.acquire(Duration::from_secs(10), &[]).await.unwrap();
+                tx.send(n).unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(lease);
+            }));
+            // Each is in the queue before the next arrives.
+            while pool.queue.lock().queue.len() < n + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        // A newcomer does not jump the queue, even with no wait at all.
+        assert_eq!(
+            pool.acquire(Duration::ZERO, &[]).await.unwrap_err(),
+            AcquireError::Busy
+        );
+        drop(held);
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            order.push(rx.recv().await.unwrap());
+        }
+        assert_eq!(order, [0, 1, 2, 3, 4]);
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(pool.backends()[0].in_flight(), 0);
+        assert!(pool.acquire(Duration::ZERO, &[]).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn waiters_that_give_up_leave_no_slot_behind() {
+        let pool = pool_of(1, 1);
+        pool.backends()[0].set_health(Health::Up);
+        let held = pool.acquire(Duration::ZERO, &[]).await.unwrap();
+        // One times out, one is cancelled (its request went away).
+        assert_eq!(
+            pool.acquire(Duration::from_millis(20), &[])
+                .await
+                .unwrap_err(),
+            AcquireError::Busy
+        );
+        let cancelled = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(Duration::from_secs(10), &[]).await })
+        };
+        while pool.queue.lock().queue.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        cancelled.abort();
+        let _ = cancelled.await;
+        let waiter = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(Duration::from_secs(10), &[]).await })
+        };
+        // (Its arrival clears the cancelled one out of the queue.)
+        while pool.queue.lock().queue.iter().all(|w| w.answer.is_closed()) {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        let lease = waiter.await.unwrap().unwrap();
+        assert_eq!(lease.index(), 0);
+        assert!(pool.queue.lock().queue.is_empty());
+        drop(lease);
+        assert_eq!(pool.backends()[0].status().scans, 2);
+        assert_eq!(pool.backends()[0].in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_excluding_the_busy_backend_is_not_held_up_by_others() {
+        let pool = pool_of(2, 1);
+        for b in pool.backends() {
+            b.set_health(Health::Up);
+        }
+        let on_0 = pool.acquire(Duration::ZERO, &[]).await.unwrap();
+        let on_1 = pool.acquire(Duration::ZERO, &[]).await.unwrap();
+        assert_eq!((on_0.index(), on_1.index()), (0, 1));
+        // First in line: anything. Second: not backend 1 (it failed there).
+        let first = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(Duration::from_secs(10), &[]).await })
+        };
+        while pool.queue.lock().queue.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let second = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(Duration::from_secs(10), &[1]).await })
+        };
+        while pool.queue.lock().queue.len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        // Backend 1 frees up: the first waiter takes it.
+        drop(on_1);
+        assert_eq!(first.await.unwrap().unwrap().index(), 1);
+        // Backend 0 goes down: the second waiter has nowhere to go.
+        pool.backends()[0].mark_down(&Error::Closed);
+        drop(on_0);
+        assert_eq!(
+            second.await.unwrap().unwrap_err(),
+            AcquireError::NoneHealthy
+        );
     }
 
     #[tokio::test]

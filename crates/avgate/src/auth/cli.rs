@@ -1,33 +1,24 @@
 //! `avgate token create|list|revoke|usage`: token management on the store
-//! directly (the server need not run; it sees the changes at once).
+//! directly (the server need not run). A running server sees a new token
+//! at once, a revocation within a second (it caches verified tokens that
+//! long) and the use of tokens without quotas up to a second late (it
+//! counts them in memory and writes them every second).
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
 use super::manage::{self, Actor, ManageError, TokenOptions, TokenView, UsageView};
 use super::Scope;
-use crate::config::{ByteSize, Config, Overrides};
+use crate::cli::StoreArgs;
+use crate::config::ByteSize;
 use crate::store::clock::{self, Month};
-use crate::store::SqliteStore;
 
 #[derive(Debug, Args)]
 pub struct TokenArgs {
     #[command(subcommand)]
     pub command: TokenCommand,
-}
-
-/// Where the store is: the same `--config` and `--data-dir` as `serve`.
-#[derive(Debug, Clone, Args)]
-pub struct StoreArgs {
-    /// TOML configuration file (its data_dir is used).
-    #[arg(long, short = 'c', env = "AVGATE_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// State directory [default: ~/.local/share/avgate].
-    #[arg(long, env = "AVGATE_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,45 +103,19 @@ fn parse_size(s: &str) -> Result<ByteSize, String> {
     s.parse()
 }
 
-impl StoreArgs {
-    fn open(&self) -> anyhow::Result<SqliteStore> {
-        let overrides = Overrides {
-            data_dir: self.data_dir.clone(),
-            ..Default::default()
-        };
-        let config = Config::load(self.config.as_deref(), std::env::vars(), &overrides)?;
-        Ok(SqliteStore::open(&config.data_dir)?)
-    }
-}
-
 /// Runs a token command; the exit code follows `main`'s convention.
 pub fn run(args: TokenArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("avgate: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(dispatch(args.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("avgate: {e:#}");
-            let usage = e.downcast_ref::<ManageError>().is_some_and(|m| {
-                matches!(
-                    m,
-                    ManageError::Invalid(_)
-                        | ManageError::NotFound(_)
-                        | ManageError::NameTaken(_)
-                        | ManageError::AlreadyRevoked(_)
-                )
-            }) || e.downcast_ref::<crate::config::ConfigError>().is_some();
-            ExitCode::from(if usage { 2 } else { 1 })
-        }
-    }
+    crate::cli::run_command(dispatch(args.command), |e| {
+        e.downcast_ref::<ManageError>().is_some_and(|m| {
+            matches!(
+                m,
+                ManageError::Invalid(_)
+                    | ManageError::NotFound(_)
+                    | ManageError::NameTaken(_)
+                    | ManageError::AlreadyRevoked(_)
+            )
+        })
+    })
 }
 
 async fn dispatch(command: TokenCommand) -> anyhow::Result<()> {
@@ -281,29 +246,9 @@ fn table(tokens: &[TokenView]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut s = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        s.truncate(s.trim_end().len());
-        s.push('\n');
-        s
-    };
-    let mut out = line(&header.map(String::from));
-    for row in &rows {
-        out.push_str(&line(row));
-    }
-    if rows.is_empty() {
-        out.push_str("(no tokens: avgate token create --name NAME)\n");
-    }
-    out
+    crate::cli::table(
+        header,
+        &rows,
+        "(no tokens: avgate token create --name NAME)",
+    )
 }

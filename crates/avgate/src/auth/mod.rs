@@ -8,7 +8,11 @@
 //! - [`extract`]: the axum extractors. [`Principal`] on scan routes;
 //!   [`AdminPrincipal`], which only an admin-scoped token yields, on the
 //!   admin API: an admin operation cannot be reached without one.
+//! - [`cache`]: verified tokens kept for a second, so that a scan does
+//!   not wait for the store to authenticate.
 //! - [`quota`]: monthly file and byte quotas, per-token concurrency.
+//! - [`usage`]: use of tokens without quotas, counted in memory and
+//!   written to the store every second and on shutdown.
 //! - [`manage`]: create, list, revoke, usage: shared by the CLI and the
 //!   admin API, audited.
 //! - [`audit`]: the audit trail (store + JSON lines with target `audit`).
@@ -19,11 +23,13 @@
 //! settings for them ([`Principal::rate`], [`Principal::allow_ips`]).
 
 pub mod audit;
+pub mod cache;
 pub mod cli;
 pub mod extract;
 pub mod manage;
 pub mod quota;
 pub mod token;
+pub mod usage;
 
 use std::fmt;
 use std::str::FromStr;
@@ -271,6 +277,10 @@ pub struct Auth {
     /// [`Principal::anonymous`]. A token that is sent is checked either way.
     pub required: bool,
     concurrency: quota::Concurrency,
+    /// Tokens the store vouched for less than a second ago.
+    tokens: cache::TokenCache,
+    /// Use of tokens without quotas, not yet in the store.
+    usage: Arc<usage::UsageBuffer>,
 }
 
 impl fmt::Debug for Auth {
@@ -287,7 +297,15 @@ impl Auth {
             store,
             required,
             concurrency: quota::Concurrency::default(),
+            tokens: cache::TokenCache::default(),
+            usage: Arc::default(),
         }
+    }
+
+    /// Forgets the tokens verified so far, so that the next request of
+    /// each asks the store. Call it after revoking a token in this process.
+    pub fn forget_tokens(&self) {
+        self.tokens.invalidate();
     }
 
     /// Establishes who sent a request with these headers and URI.
@@ -316,20 +334,31 @@ impl Auth {
         self.verify(&token).await
     }
 
-    /// Looks the token up by its hash and checks that it is live.
+    /// Looks the token up by its hash (in the cache, else in the store)
+    /// and checks that it is live.
     async fn verify(&self, token: &Token) -> Result<Principal, Refusal> {
         let hash = token.hash();
-        let found = self.store.token_by_hash(&hash).await.map_err(|e| {
-            tracing::error!(error = %e, "state store failed during authentication");
-            Refusal::new(RefusalReason::StoreFailed)
-        })?;
+        let (found, seen) = match self.tokens.get(&hash) {
+            Ok(cached) => (Some(cached), None),
+            Err(seen) => {
+                let found = self.store.token_by_hash(&hash).await.map_err(|e| {
+                    tracing::error!(error = %e, "state store failed during authentication");
+                    Refusal::new(RefusalReason::StoreFailed)
+                })?;
+                (found.map(Arc::new), Some(seen))
+            }
+        };
         // The lookup is by hash, so an unknown token costs the same
         // comparison as a known one, against a hash nobody has.
         let stored = found.as_ref().map(|t| t.hash).unwrap_or(TokenHash([0; 32]));
         let matches = stored.ct_eq(&hash);
         let Some(record) = found.filter(|_| matches) else {
+            // Unknown tokens are not cached (see `cache`).
             return Err(Refusal::new(RefusalReason::Unknown));
         };
+        if let Some(seen) = seen {
+            self.tokens.insert(&hash, record.clone(), seen);
+        }
         let refuse = |reason| Refusal {
             reason,
             token_id: Some(record.id.clone()),

@@ -9,7 +9,10 @@
 //! reservation with its real size; one that was not scanned gives it back.
 //!
 //! Every token's use is counted, with or without quotas, so that
-//! `avgate token usage` answers for all of them.
+//! `avgate token usage` answers for all of them. A token without quotas
+//! needs no reservation: its scans are counted in memory once done and
+//! written to the store in batches ([`super::usage`]), so that its scans
+//! cost the store nothing.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use axum::http::StatusCode;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::usage::UsageBuffer;
 use super::{store_failed, Auth, Principal, Quotas};
 use crate::http::error::ApiError;
 use crate::store::clock::{self, Month};
@@ -54,6 +58,7 @@ pub struct Meter {
 
 struct Counted {
     store: Arc<dyn Store>,
+    usage: Arc<UsageBuffer>,
     id: String,
     month: Month,
     quotas: Quotas,
@@ -100,6 +105,7 @@ impl Auth {
         Ok(Meter {
             token: Some(Counted {
                 store: self.store.clone(),
+                usage: self.usage.clone(),
                 id,
                 month,
                 quotas,
@@ -115,6 +121,12 @@ impl Meter {
         let Some(t) = &self.token else {
             return Ok(FileReservation { held: None });
         };
+        if t.quotas == Quotas::default() {
+            // No quota to hold: counted in memory once scanned.
+            return Ok(FileReservation {
+                held: Some(Held::Memory(t.usage.clone(), t.id.clone(), t.month)),
+            });
+        }
         let limit = t.quotas.monthly_files;
         if !t
             .store
@@ -126,7 +138,7 @@ impl Meter {
             return Err(quota_exceeded(t.month, format!("{max} files")));
         }
         Ok(FileReservation {
-            held: Some((t.store.clone(), t.id.clone(), t.month)),
+            held: Some(Held::Store(t.store.clone(), t.id.clone(), t.month)),
         })
     }
 }
@@ -135,23 +147,35 @@ impl Meter {
 /// scanned; dropped without it (the scan failed), the file is given back.
 #[must_use = "commit the reservation once the file is scanned"]
 pub struct FileReservation {
-    held: Option<(Arc<dyn Store>, String, Month)>,
+    held: Option<Held>,
+}
+
+enum Held {
+    /// Counted in the store already (a token with quotas).
+    Store(Arc<dyn Store>, String, Month),
+    /// Nothing counted yet (a token without quotas): counted in memory on
+    /// commit.
+    Memory(Arc<UsageBuffer>, String, Month),
 }
 
 impl FileReservation {
     /// The file was scanned: keep it counted and add its bytes.
     pub async fn commit(mut self, bytes: u64) {
-        if let Some((store, id, month)) = self.held.take() {
-            if let Err(e) = store.add_bytes(&id, month, bytes).await {
-                tracing::error!(error = %e, token_id = %id, "cannot count scanned bytes");
+        match self.held.take() {
+            Some(Held::Store(store, id, month)) => {
+                if let Err(e) = store.add_bytes(&id, month, bytes).await {
+                    tracing::error!(error = %e, token_id = %id, "cannot count scanned bytes");
+                }
             }
+            Some(Held::Memory(usage, id, month)) => usage.add(&id, month, 1, bytes),
+            None => {}
         }
     }
 }
 
 impl Drop for FileReservation {
     fn drop(&mut self) {
-        let Some((store, id, month)) = self.held.take() else {
+        let Some(Held::Store(store, id, month)) = self.held.take() else {
             return;
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

@@ -126,9 +126,11 @@ pub async fn revoke_token(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let actor = actor(&admin, client.map(|c| c.0 .0.to_string()));
-    let view = manage::revoke(state.auth.store.as_ref(), &id, &actor)
-        .await
-        .map_err(manage_error)?;
+    let revoked = manage::revoke(state.auth.store.as_ref(), &id, &actor).await;
+    // Verified tokens are cached for a second: the revoked one must not
+    // be accepted from the cache, not even once.
+    state.auth.forget_tokens();
+    let view = revoked.map_err(manage_error)?;
     Ok(Json(view).into_response())
 }
 
@@ -152,6 +154,10 @@ pub async fn token_usage(
         ),
         None => None,
     };
+    // Use counted in memory first, so that the answer is exact.
+    if let Err(e) = state.auth.flush_usage().await {
+        tracing::warn!(error = %e, "cannot write token usage first; the answer may miss the last second");
+    }
     let usage = manage::usage(state.auth.store.as_ref(), &id, month)
         .await
         .map_err(manage_error)?;

@@ -14,6 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::error::ApiError;
 use super::observe::ScanContext;
 use super::AppState;
+use crate::auth::quota::Meter;
 use crate::auth::Principal;
 use crate::perimeter::slowbody::MinRate;
 use crate::scan::filename;
@@ -29,7 +30,6 @@ pub async fn scan_one(
     principal: Principal,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let max = state.limits.max_size;
     let meter = state
         .auth
         .meter(&principal, content_length(request.headers()))
@@ -47,24 +47,8 @@ pub async fn scan_one(
                     ));
                 }
                 let name = field.file_name().and_then(filename::sanitize);
-                let counted = meter
-                    .reserve_file()
-                    .await
-                    .map_err(|e| e.with_filename(name.clone()))?;
-                let scan = pipeline::scan(
-                    &state.engines,
-                    &state.policy,
-                    name.clone(),
-                    field_stream(field),
-                    None,
-                    max,
-                );
-                let scanned = observe
-                    .scan(name.as_deref(), scan)
-                    .await
-                    .map_err(|e| ApiError::from(e).with_filename(name))?;
-                counted.commit(scanned.size).await;
-                result = Some(scanned);
+                let body = field_stream(field);
+                result = Some(scan_file(&state, &meter, &observe, name, body, None).await?);
             }
             Part::Other => {}
         }
@@ -87,7 +71,6 @@ pub async fn scan_batch(
     principal: Principal,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let max = state.limits.max_size;
     let max_files = state.limits.max_files;
     let meter = state
         .auth
@@ -112,32 +95,10 @@ pub async fn scan_batch(
             .with_extra("results", partial(&results)));
         }
         let name = field.file_name().and_then(filename::sanitize);
-        let counted = match meter.reserve_file().await {
-            Ok(counted) => counted,
-            Err(e) => {
-                return Err(e
-                    .with_filename(name)
-                    .with_extra("results", partial(&results)))
-            }
-        };
-        let scan = pipeline::scan(
-            &state.engines,
-            &state.policy,
-            name.clone(),
-            field_stream(field),
-            None,
-            max,
-        );
-        match observe.scan(name.as_deref(), scan).await {
-            Ok(scanned) => {
-                counted.commit(scanned.size).await;
-                results.push(scanned);
-            }
-            Err(e) => {
-                return Err(ApiError::from(e)
-                    .with_filename(name)
-                    .with_extra("results", partial(&results)))
-            }
+        let body = field_stream(field);
+        match scan_file(&state, &meter, &observe, name, body, None).await {
+            Ok(scanned) => results.push(scanned),
+            Err(e) => return Err(e.with_extra("results", partial(&results))),
         }
     }
     if results.is_empty() {
@@ -183,10 +144,6 @@ pub async fn scan_raw(
     let meter = state.auth.meter(&principal, length).await?;
     let observe = ScanContext::new(&state, &request, &principal);
     let _slot = scan_slot(&state)?;
-    let counted = meter
-        .reserve_file()
-        .await
-        .map_err(|e| e.with_filename(name.clone()))?;
     let body = MinRate::new(
         request
             .into_body()
@@ -195,20 +152,42 @@ pub async fn scan_raw(
         state.perimeter.min_upload_rate,
         state.perimeter.min_upload_window,
     );
+    let scanned = scan_file(&state, &meter, &observe, name, body, length).await?;
+    Ok(Json(scanned).into_response())
+}
+
+/// One file, the step every route shares: a place in the token's quota,
+/// the scan, then the quota charged with the bytes really scanned. An
+/// error names the file.
+async fn scan_file<S>(
+    state: &AppState,
+    meter: &Meter,
+    observe: &ScanContext,
+    name: Option<String>,
+    body: S,
+    length: Option<u64>,
+) -> Result<ScanResult, ApiError>
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, BodyError>>,
+{
+    let counted = meter
+        .reserve_file()
+        .await
+        .map_err(|e| e.with_filename(name.clone()))?;
     let scan = pipeline::scan(
         &state.engines,
         &state.policy,
         name.clone(),
         body,
         length,
-        max,
+        state.limits.max_size,
     );
     let scanned = observe
         .scan(name.as_deref(), scan)
         .await
         .map_err(|e| ApiError::from(e).with_filename(name))?;
     counted.commit(scanned.size).await;
-    Ok(Json(scanned).into_response())
+    Ok(scanned)
 }
 
 fn missing_file() -> ApiError {

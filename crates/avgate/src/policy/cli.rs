@@ -11,11 +11,9 @@ use sha2::{Digest, Sha256};
 
 use super::manage::{self, PolicyError, PolicyView};
 use super::PolicyOptions;
-use crate::auth::cli::StoreArgs;
 use crate::auth::manage::Actor;
-use crate::config::{Config, Overrides};
+use crate::cli::StoreArgs;
 use crate::store::clock;
-use crate::store::SqliteStore;
 
 #[derive(Debug, Args)]
 pub struct PolicyArgs {
@@ -103,15 +101,6 @@ pub struct EntryArgs {
     pub json: bool,
 }
 
-fn open(args: &StoreArgs) -> anyhow::Result<SqliteStore> {
-    let overrides = Overrides {
-        data_dir: args.data_dir.clone(),
-        ..Default::default()
-    };
-    let config = Config::load(args.config.as_deref(), std::env::vars(), &overrides)?;
-    Ok(SqliteStore::open(&config.data_dir)?)
-}
-
 /// The user running the CLI, for `author`.
 fn user() -> String {
     ["SUDO_USER", "USER", "LOGNAME"]
@@ -138,31 +127,14 @@ fn sha256_of(path: &PathBuf) -> anyhow::Result<String> {
 /// Runs a policy command; the exit code follows `main`'s convention
 /// (2: invalid input, unknown id, an entry already in force).
 pub fn run(args: PolicyArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("avgate: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(dispatch(args.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("avgate: {e:#}");
-            let usage = e
-                .downcast_ref::<PolicyError>()
-                .is_some_and(|p| !matches!(p, PolicyError::Store(_)))
-                || e.downcast_ref::<crate::config::ConfigError>().is_some();
-            ExitCode::from(if usage { 2 } else { 1 })
-        }
-    }
+    crate::cli::run_command(dispatch(args.command), |e| {
+        e.downcast_ref::<PolicyError>()
+            .is_some_and(|p| !matches!(p, PolicyError::Store(_)))
+    })
 }
 
 async fn add(kind: &str, value: String, entry: EntryArgs) -> anyhow::Result<()> {
-    let store = open(&entry.store)?;
+    let store = entry.store.open()?;
     let spec = PolicyOptions {
         kind: kind.into(),
         value,
@@ -192,41 +164,29 @@ async fn add(kind: &str, value: String, entry: EntryArgs) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `allow add` and `block add`: the sha256 given, or the file's.
+async fn add_hash(kind: &str, action: HashAction) -> anyhow::Result<()> {
+    let HashAction::Add {
+        sha256,
+        file,
+        entry,
+    } = action;
+    let value = match file {
+        Some(path) => sha256_of(&path)?,
+        None => sha256.unwrap_or_default(),
+    };
+    add(kind, value, entry).await
+}
+
 async fn dispatch(command: PolicyCommand) -> anyhow::Result<()> {
     match command {
         PolicyCommand::Ignore {
             action: IgnoreAction::Add { name, entry },
         } => add("ignore", name, entry).await,
-        PolicyCommand::Allow {
-            action:
-                HashAction::Add {
-                    sha256,
-                    file,
-                    entry,
-                },
-        } => {
-            let value = match file {
-                Some(path) => sha256_of(&path)?,
-                None => sha256.unwrap_or_default(),
-            };
-            add("allow", value, entry).await
-        }
-        PolicyCommand::Block {
-            action:
-                HashAction::Add {
-                    sha256,
-                    file,
-                    entry,
-                },
-        } => {
-            let value = match file {
-                Some(path) => sha256_of(&path)?,
-                None => sha256.unwrap_or_default(),
-            };
-            add("block", value, entry).await
-        }
+        PolicyCommand::Allow { action } => add_hash("allow", action).await,
+        PolicyCommand::Block { action } => add_hash("block", action).await,
         PolicyCommand::List { store, all, json } => {
-            let store = open(&store)?;
+            let store = store.open()?;
             let entries = manage::list(&store, all).await?;
             let mut out = std::io::stdout().lock();
             if json {
@@ -237,7 +197,7 @@ async fn dispatch(command: PolicyCommand) -> anyhow::Result<()> {
             Ok(())
         }
         PolicyCommand::Remove { store, id } => {
-            let store = open(&store)?;
+            let store = store.open()?;
             let view = manage::remove(&store, id.trim(), &Actor::cli()).await?;
             writeln!(
                 std::io::stdout().lock(),
@@ -269,29 +229,9 @@ fn table(entries: &[PolicyView]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut s = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        s.truncate(s.trim_end().len());
-        s.push('\n');
-        s
-    };
-    let mut out = line(&header.map(String::from));
-    for row in &rows {
-        out.push_str(&line(row));
-    }
-    if rows.is_empty() {
-        out.push_str("(no entries: avgate policy ignore|allow|block add ...)\n");
-    }
-    out
+    crate::cli::table(
+        header,
+        &rows,
+        "(no entries: avgate policy ignore|allow|block add ...)",
+    )
 }

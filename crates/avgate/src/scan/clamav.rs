@@ -51,6 +51,11 @@ impl Engine for ClamavEngine {
         "clamav"
     }
 
+    /// Takes a backend slot now (a busy pool is answered before the body
+    /// is read); the connection is opened with the first bytes, so that the
+    /// INSTREAM command and the data reach clamd together, as from a client
+    /// that has the file at hand (clamd otherwise wakes up once for the
+    /// command and again for the data).
     async fn begin(&self, size_hint: Option<u64>) -> Result<Box<dyn EngineScan>, EngineError> {
         let mut scan = ClamavScan {
             settings: self.inner.clone(),
@@ -61,8 +66,9 @@ impl Engine for ClamavEngine {
             replay_bytes: 0,
             sent: 0,
             early: None,
+            last_error: None,
         };
-        scan.open().await?;
+        scan.acquire().await?;
         if let (Some(size), Some(limit)) = (size_hint, scan.stream_max()) {
             if size > limit {
                 scan.give_up_unscanned();
@@ -86,42 +92,55 @@ struct ClamavScan {
     /// A reply that arrived before the stream ended (or our own decision
     /// not to send it); later chunks are dropped.
     early: Option<ScanReply>,
+    /// Why the last backend tried could not be used.
+    last_error: Option<String>,
 }
 
 impl ClamavScan {
-    /// Takes a backend slot and starts an INSTREAM, trying the next backend
-    /// when one cannot be reached.
+    /// Takes a slot on a backend not tried yet.
+    async fn acquire(&mut self) -> Result<(), EngineError> {
+        let lease = match self
+            .settings
+            .pool
+            .acquire(self.settings.queue_timeout, &self.tried)
+            .await
+        {
+            Ok(lease) => lease,
+            Err(AcquireError::Busy) => return Err(EngineError::Busy),
+            Err(_) => {
+                return Err(EngineError::Unavailable(
+                    self.last_error
+                        .clone()
+                        .unwrap_or_else(|| "no clamd backend is healthy".into()),
+                ))
+            }
+        };
+        self.tried.push(lease.index());
+        self.lease = Some(lease);
+        Ok(())
+    }
+
+    /// Starts an INSTREAM on the slot held (taking one first if none is),
+    /// trying the next backend when one cannot be reached.
     async fn open(&mut self) -> Result<(), EngineError> {
-        let mut last_error = None;
         loop {
-            let lease = match self
-                .settings
-                .pool
-                .acquire(self.settings.queue_timeout, &self.tried)
-                .await
-            {
-                Ok(lease) => lease,
-                Err(AcquireError::Busy) => return Err(EngineError::Busy),
-                Err(_) => {
-                    return Err(EngineError::Unavailable(
-                        last_error.unwrap_or_else(|| "no clamd backend is healthy".into()),
-                    ))
-                }
-            };
-            self.tried.push(lease.index());
+            if self.lease.is_none() {
+                self.acquire().await?;
+            }
+            let lease = self.lease.as_ref().expect("a slot is held");
             let timeouts = self.settings.pool.timeouts();
             let started = async { lease.connect(timeouts).await?.instream().await };
             match started.await {
                 Ok(stream) => {
                     self.stream = Some(stream);
-                    self.lease = Some(lease);
                     self.sent = 0;
                     return Ok(());
                 }
                 Err(e) => {
                     tracing::warn!(backend = %lease.backend().address, error = %e, "clamd backend failed; trying another");
                     lease.backend().mark_down(&e);
-                    last_error = Some(e.to_string());
+                    self.last_error = Some(e.to_string());
+                    self.lease = None;
                 }
             }
         }
@@ -227,6 +246,10 @@ impl EngineScan for ClamavScan {
                 self.replay = None;
             }
         }
+        if self.stream.is_none() {
+            // The first bytes: now the connection.
+            self.open().await?;
+        }
         let stream = self
             .stream
             .as_mut()
@@ -257,6 +280,10 @@ impl EngineScan for ClamavScan {
         loop {
             if let Some(reply) = self.early.take() {
                 return self.report(reply);
+            }
+            if self.stream.is_none() {
+                // An empty file: nothing was fed, nothing opened yet.
+                self.open().await?;
             }
             let stream = self
                 .stream

@@ -64,6 +64,15 @@ pub struct Usage {
     pub bytes: u64,
 }
 
+/// Use counted in memory (tokens without quotas), to be added to one
+/// token's month by [`Store::add_usage`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageDelta {
+    pub token_id: String,
+    pub month: Month,
+    pub usage: Usage,
+}
+
 /// One line of the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {
@@ -136,6 +145,11 @@ pub trait Store: Send + Sync + 'static {
     async fn release_file(&self, token_id: &str, month: Month) -> Result<(), StoreError>;
 
     async fn add_bytes(&self, token_id: &str, month: Month, bytes: u64) -> Result<(), StoreError>;
+
+    /// Adds files and bytes that were counted elsewhere (in memory, for
+    /// tokens that have no quota to check) to each token's month: the
+    /// whole batch atomically, all of it or none.
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError>;
 
     async fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError>;
 

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 
 use super::clock::Month;
-use super::{AuditRecord, Store, StoreError, TokenRecord, Usage};
+use super::{AuditRecord, Store, StoreError, TokenRecord, Usage, UsageDelta};
 use crate::auth::token::TokenHash;
 use crate::auth::{RateSpec, Scope};
 use crate::policy::{Kind, PolicyRecord};
@@ -122,12 +122,21 @@ impl SqliteStore {
         .map_err(|e| open_err(e.to_string()))?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(|e| open_err(e.to_string()))?;
-        // WAL: readers do not block the writer; NORMAL is durable across
-        // process crashes, which is what counters need.
+        // WAL: readers (the CLI, `token usage`) do not block the writer, and
+        // a commit appends to the log instead of rewriting pages.
+        // synchronous = NORMAL: in WAL mode a commit is then not fsynced
+        // (only checkpoints are), which makes a write a fraction of the cost.
+        // A commit still survives the process crashing or being killed; only
+        // an OS crash or power loss can lose the last commits (never corrupt
+        // the file), an acceptable risk for usage counters and the audit
+        // trail. It is a per-connection setting, hence set on every open.
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
             .map_err(|e| open_err(e.to_string()))?;
         conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;")
             .map_err(|e| open_err(e.to_string()))?;
+        // Every statement is prepared once per connection (prepare_cached);
+        // room for all of them.
+        conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn, &path)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
@@ -287,11 +296,9 @@ fn policy_from_row(row: &Row<'_>) -> rusqlite::Result<PolicyRecord> {
 }
 
 fn bump_policy_version(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute(
-        "UPDATE policy_version SET version = version + 1 WHERE id = 1",
-        [],
-    )
-    .map(drop)
+    conn.prepare_cached("UPDATE policy_version SET version = version + 1 WHERE id = 1")
+        .and_then(|mut stmt| stmt.execute([]))
+        .map(drop)
 }
 
 fn audit_from_row(row: &Row<'_>) -> rusqlite::Result<AuditRecord> {
@@ -310,15 +317,24 @@ fn int(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// Adds files (?3) and bytes (?4) to a token's month (?1, ?2).
+const ADD_USAGE: &str =
+    "INSERT INTO usage (token_id, month, files, bytes) VALUES (?1, ?2, ?3, ?4) \
+     ON CONFLICT (token_id, month) DO UPDATE \
+     SET files = files + excluded.files, bytes = bytes + excluded.bytes";
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_token(&self, token: &TokenRecord) -> Result<(), StoreError> {
         let t = token.clone();
         self.call(move |conn| {
             let allow_ips: Vec<String> = t.allow_ips.iter().map(|n| n.to_string()).collect();
-            let result = conn.execute(
-                &format!("INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
-                params![
+            let sql = format!(
+                "INSERT INTO tokens ({TOKEN_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+            );
+            let result = conn.prepare_cached(&sql).and_then(|mut stmt| {
+                stmt.execute(params![
                     t.id,
                     t.name,
                     t.hash.0.as_slice(),
@@ -332,8 +348,8 @@ impl Store for SqliteStore {
                     t.monthly_files.map(int),
                     t.monthly_bytes.map(int),
                     t.max_concurrent.map(|n| n as i64),
-                ],
-            );
+                ])
+            });
             match result {
                 Ok(_) => Ok(()),
                 Err(rusqlite::Error::SqliteFailure(e, _))
@@ -350,11 +366,10 @@ impl Store for SqliteStore {
     async fn token_by_hash(&self, hash: &TokenHash) -> Result<Option<TokenRecord>, StoreError> {
         let hash = *hash;
         self.call(move |conn| {
-            conn.query_row(
-                &format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"),
-                [hash.0.as_slice()],
-                token_from_row,
-            )
+            conn.prepare_cached(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE hash = ?1"
+            ))
+            .and_then(|mut stmt| stmt.query_row([hash.0.as_slice()], token_from_row))
             .optional()
             .map_err(backend)
         })
@@ -364,14 +379,11 @@ impl Store for SqliteStore {
     async fn find_token(&self, id_or_name: &str) -> Result<Option<TokenRecord>, StoreError> {
         let key = id_or_name.to_owned();
         self.call(move |conn| {
-            conn.query_row(
-                &format!(
-                    "SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1 OR name = ?1 \
-                     ORDER BY id = ?1 DESC, revoked_at IS NULL DESC, created_at DESC LIMIT 1"
-                ),
-                [key],
-                token_from_row,
-            )
+            conn.prepare_cached(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE id = ?1 OR name = ?1 \
+                 ORDER BY id = ?1 DESC, revoked_at IS NULL DESC, created_at DESC LIMIT 1"
+            ))
+            .and_then(|mut stmt| stmt.query_row([key], token_from_row))
             .optional()
             .map_err(backend)
         })
@@ -381,7 +393,7 @@ impl Store for SqliteStore {
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.call(|conn| {
             let mut stmt = conn
-                .prepare(&format!(
+                .prepare_cached(&format!(
                     "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, rowid"
                 ))
                 .map_err(backend)?;
@@ -393,7 +405,8 @@ impl Store for SqliteStore {
 
     async fn token_count(&self) -> Result<u64, StoreError> {
         self.call(|conn| {
-            conn.query_row("SELECT COUNT(*) FROM tokens", [], |r| r.get::<_, i64>(0))
+            conn.prepare_cached("SELECT COUNT(*) FROM tokens")
+                .and_then(|mut stmt| stmt.query_row([], |r| r.get::<_, i64>(0)))
                 .map(|n| n as u64)
                 .map_err(backend)
         })
@@ -403,10 +416,10 @@ impl Store for SqliteStore {
     async fn revoke_token(&self, id: &str, at: i64) -> Result<bool, StoreError> {
         let id = id.to_owned();
         self.call(move |conn| {
-            conn.execute(
+            conn.prepare_cached(
                 "UPDATE tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-                params![id, at],
             )
+            .and_then(|mut stmt| stmt.execute(params![id, at]))
             .map(|n| n == 1)
             .map_err(backend)
         })
@@ -416,19 +429,18 @@ impl Store for SqliteStore {
     async fn usage(&self, token_id: &str, month: Month) -> Result<Usage, StoreError> {
         let id = token_id.to_owned();
         self.call(move |conn| {
-            conn.query_row(
-                "SELECT files, bytes FROM usage WHERE token_id = ?1 AND month = ?2",
-                params![id, month.to_string()],
-                |r| {
-                    Ok(Usage {
-                        files: r.get::<_, i64>(0)? as u64,
-                        bytes: r.get::<_, i64>(1)? as u64,
+            conn.prepare_cached("SELECT files, bytes FROM usage WHERE token_id = ?1 AND month = ?2")
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![id, month.to_string()], |r| {
+                        Ok(Usage {
+                            files: r.get::<_, i64>(0)? as u64,
+                            bytes: r.get::<_, i64>(1)? as u64,
+                        })
                     })
-                },
-            )
-            .optional()
-            .map(Option::unwrap_or_default)
-            .map_err(backend)
+                })
+                .optional()
+                .map(Option::unwrap_or_default)
+                .map_err(backend)
         })
         .await
     }
@@ -441,19 +453,18 @@ impl Store for SqliteStore {
     ) -> Result<bool, StoreError> {
         let id = token_id.to_owned();
         self.call(move |conn| {
-            let month = month.to_string();
-            conn.execute(
-                "INSERT INTO usage (token_id, month) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-                params![id, month],
+            // One statement, so one write transaction: the check and the
+            // increment cannot be split by another request, in this process
+            // or another. A first file of the month inserts the row (when
+            // the limit lets it), later ones update it (while below the
+            // limit); either way one row changes exactly when it is granted.
+            conn.prepare_cached(
+                "INSERT INTO usage (token_id, month, files) \
+                 SELECT ?1, ?2, 1 WHERE ?3 IS NULL OR ?3 > 0 \
+                 ON CONFLICT (token_id, month) DO UPDATE SET files = files + 1 \
+                 WHERE ?3 IS NULL OR files < ?3",
             )
-            .map_err(backend)?;
-            // One statement: the check and the increment cannot be split by
-            // another request, in this process or another.
-            conn.execute(
-                "UPDATE usage SET files = files + 1 \
-                 WHERE token_id = ?1 AND month = ?2 AND (?3 IS NULL OR files < ?3)",
-                params![id, month, limit.map(int)],
-            )
+            .and_then(|mut stmt| stmt.execute(params![id, month.to_string(), limit.map(int)]))
             .map(|n| n == 1)
             .map_err(backend)
         })
@@ -463,10 +474,10 @@ impl Store for SqliteStore {
     async fn release_file(&self, token_id: &str, month: Month) -> Result<(), StoreError> {
         let id = token_id.to_owned();
         self.call(move |conn| {
-            conn.execute(
+            conn.prepare_cached(
                 "UPDATE usage SET files = files - 1 WHERE token_id = ?1 AND month = ?2 AND files > 0",
-                params![id, month.to_string()],
             )
+            .and_then(|mut stmt| stmt.execute(params![id, month.to_string()]))
             .map(drop)
             .map_err(backend)
         })
@@ -476,13 +487,38 @@ impl Store for SqliteStore {
     async fn add_bytes(&self, token_id: &str, month: Month, bytes: u64) -> Result<(), StoreError> {
         let id = token_id.to_owned();
         self.call(move |conn| {
-            conn.execute(
-                "INSERT INTO usage (token_id, month, bytes) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (token_id, month) DO UPDATE SET bytes = bytes + excluded.bytes",
-                params![id, month.to_string(), int(bytes)],
-            )
-            .map(drop)
-            .map_err(backend)
+            conn.prepare_cached(ADD_USAGE)
+                .and_then(|mut stmt| stmt.execute(params![id, month.to_string(), 0, int(bytes)]))
+                .map(drop)
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let batch = batch.to_vec();
+        self.call(move |conn| {
+            // One transaction for the whole batch: one commit, and no
+            // half-applied batch if it fails (the caller keeps it to retry).
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(backend)?;
+            {
+                let mut stmt = tx.prepare_cached(ADD_USAGE).map_err(backend)?;
+                for d in &batch {
+                    stmt.execute(params![
+                        d.token_id,
+                        d.month.to_string(),
+                        int(d.usage.files),
+                        int(d.usage.bytes)
+                    ])
+                    .map_err(backend)?;
+                }
+            }
+            tx.commit().map_err(backend)
         })
         .await
     }
@@ -490,11 +526,15 @@ impl Store for SqliteStore {
     async fn append_audit(&self, record: &AuditRecord) -> Result<(), StoreError> {
         let r = record.clone();
         self.call(move |conn| {
-            conn.execute(
+            conn.prepare_cached(
                 "INSERT INTO audit (at, event, token_id, actor, client, detail) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![r.at, r.event, r.token_id, r.actor, r.client, r.detail],
             )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    r.at, r.event, r.token_id, r.actor, r.client, r.detail
+                ])
+            })
             .map(drop)
             .map_err(backend)
         })
@@ -504,7 +544,7 @@ impl Store for SqliteStore {
     async fn recent_audit(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
         self.call(move |conn| {
             let mut stmt = conn
-                .prepare(
+                .prepare_cached(
                     "SELECT at, event, token_id, actor, client, detail FROM audit \
                      ORDER BY id DESC LIMIT ?1",
                 )
@@ -526,14 +566,14 @@ impl Store for SqliteStore {
             // One statement: the check for a live duplicate and the insert
             // cannot be split by another writer.
             let inserted = tx
-                .execute(
-                    &format!(
-                        "INSERT INTO policy ({POLICY_COLUMNS}) \
+                .prepare_cached(&format!(
+                    "INSERT INTO policy ({POLICY_COLUMNS}) \
                          SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, NULL \
                          WHERE NOT EXISTS (SELECT 1 FROM policy WHERE kind = ?2 AND value = ?3 \
                          AND removed_at IS NULL AND (expires_at IS NULL OR expires_at > ?8))"
-                    ),
-                    params![
+                ))
+                .and_then(|mut stmt| {
+                    stmt.execute(params![
                         e.id,
                         e.kind.as_str(),
                         e.value,
@@ -542,8 +582,8 @@ impl Store for SqliteStore {
                         e.created_at,
                         e.expires_at,
                         now
-                    ],
-                )
+                    ])
+                })
                 .map_err(backend)?
                 == 1;
             if inserted {
@@ -558,7 +598,7 @@ impl Store for SqliteStore {
     async fn list_policy(&self) -> Result<Vec<PolicyRecord>, StoreError> {
         self.call(|conn| {
             let mut stmt = conn
-                .prepare(&format!(
+                .prepare_cached(&format!(
                     "SELECT {POLICY_COLUMNS} FROM policy ORDER BY created_at, rowid"
                 ))
                 .map_err(backend)?;
@@ -575,11 +615,11 @@ impl Store for SqliteStore {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(backend)?;
             let removed = tx
-                .execute(
+                .prepare_cached(
                     "UPDATE policy SET removed_at = ?2, removed_by = ?3 \
                      WHERE id = ?1 AND removed_at IS NULL",
-                    params![id, at, by],
                 )
+                .and_then(|mut stmt| stmt.execute(params![id, at, by]))
                 .map_err(backend)?
                 == 1;
             if removed {
@@ -593,11 +633,10 @@ impl Store for SqliteStore {
 
     async fn policy_version(&self) -> Result<u64, StoreError> {
         self.call(|conn| {
-            conn.query_row("SELECT version FROM policy_version WHERE id = 1", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .map(|n| n as u64)
-            .map_err(backend)
+            conn.prepare_cached("SELECT version FROM policy_version WHERE id = 1")
+                .and_then(|mut stmt| stmt.query_row([], |r| r.get::<_, i64>(0)))
+                .map(|n| n as u64)
+                .map_err(backend)
         })
         .await
     }
@@ -777,5 +816,65 @@ mod tests {
         let recent = store.recent_audit(10).await.unwrap();
         assert_eq!(recent.len(), 2);
         assert_eq!(recent[0].event, "auth_refused");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_reservations_from_two_connections_stop_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two connections to one file, as a server and the CLI (or two
+        // servers) have.
+        let a = SqliteStore::open(dir.path()).unwrap();
+        let b = SqliteStore::open(dir.path()).unwrap();
+        let t = record("raced");
+        a.insert_token(&t).await.unwrap();
+        let month: Month = "2026-11".parse().unwrap();
+        let tries = (0..60).map(|i| {
+            let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let id = t.id.clone();
+            tokio::spawn(async move { store.reserve_file(&id, month, Some(17)).await.unwrap() })
+        });
+        let mut granted = 0;
+        for task in tries.collect::<Vec<_>>() {
+            granted += usize::from(task.await.unwrap());
+        }
+        assert_eq!(granted, 17);
+        assert_eq!(a.usage(&t.id, month).await.unwrap().files, 17);
+        // A limit of 0 grants nothing, not even the first file.
+        let other: Month = "2026-12".parse().unwrap();
+        assert!(!a.reserve_file(&t.id, other, Some(0)).await.unwrap());
+        assert_eq!(a.usage(&t.id, other).await.unwrap(), Usage::default());
+    }
+
+    #[tokio::test]
+    async fn usage_batches_add_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path()).unwrap();
+        let (x, y) = (record("x"), record("y"));
+        store.insert_token(&x).await.unwrap();
+        store.insert_token(&y).await.unwrap();
+        let month: Month = "2026-11".parse().unwrap();
+        store.add_bytes(&x.id, month, 5).await.unwrap();
+        let delta = |t: &TokenRecord, files, bytes| UsageDelta {
+            token_id: t.id.clone(),
+            month,
+            usage: Usage { files, bytes },
+        };
+        store
+            .add_usage(&[delta(&x, 2, 10), delta(&y, 1, 1)])
+            .await
+            .unwrap();
+        store.add_usage(&[delta(&x, 1, 1)]).await.unwrap();
+        store.add_usage(&[]).await.unwrap();
+        assert_eq!(
+            store.usage(&x.id, month).await.unwrap(),
+            Usage {
+                files: 3,
+                bytes: 16
+            }
+        );
+        assert_eq!(
+            store.usage(&y.id, month).await.unwrap(),
+            Usage { files: 1, bytes: 1 }
+        );
     }
 }

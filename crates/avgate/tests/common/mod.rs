@@ -2,6 +2,8 @@
 //! clamds for the faults a real one cannot produce, HTTP helpers.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod binary;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,15 @@ pub const TESTFILES: &str = "/usr/share/clamav-testfiles";
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A loopback port nobody listens on (at the time of asking).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A real clamd on a Unix socket in a temporary directory, loaded with the
@@ -239,16 +250,7 @@ impl Gateway {
 
     /// POSTs one file as multipart field `file`; returns status and JSON.
     pub async fn scan(&self, filename: &str, data: Vec<u8>) -> (u16, serde_json::Value) {
-        let part = reqwest::multipart::Part::bytes(data).file_name(filename.to_owned());
-        let form = reqwest::multipart::Form::new().part("file", part);
-        let r = self
-            .client
-            .post(self.url("/v1/scan"))
-            .multipart(form)
-            .send()
-            .await
-            .expect("request");
-        json(r).await
+        post_file(&self.client, &self.url("/v1/scan"), filename, data).await
     }
 
     /// POSTs a hand-made body with the given content type.
@@ -275,6 +277,23 @@ impl Gateway {
             running.wait().await;
         }
     }
+}
+
+/// POSTs one file as multipart field `file` to `url`; returns status and JSON.
+pub async fn post_file(
+    client: &reqwest::Client,
+    url: &str,
+    filename: &str,
+    data: Vec<u8>,
+) -> (u16, serde_json::Value) {
+    let part = reqwest::multipart::Part::bytes(data).file_name(filename.to_owned());
+    let r = client
+        .post(url)
+        .multipart(reqwest::multipart::Form::new().part("file", part))
+        .send()
+        .await
+        .expect("request");
+    json(r).await
 }
 
 pub async fn json(r: reqwest::Response) -> (u16, serde_json::Value) {
