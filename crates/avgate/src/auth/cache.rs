@@ -124,23 +124,9 @@ impl TokenCache {
 mod tests {
     use super::*;
     use crate::auth::token::Token;
-    use crate::auth::Scope;
 
     fn record(hash: TokenHash) -> Arc<TokenRecord> {
-        Arc::new(TokenRecord {
-            id: "tok_x".into(),
-            name: "x".into(),
-            hash,
-            scope: Scope::Scan,
-            created_at: 0,
-            expires_at: None,
-            revoked_at: None,
-            rate: None,
-            allow_ips: vec![],
-            monthly_files: None,
-            monthly_bytes: None,
-            max_concurrent: None,
-        })
+        Arc::new(TokenRecord::plain("tok_x", "x", hash))
     }
 
     fn hash() -> TokenHash {

@@ -140,20 +140,8 @@ mod tests {
     use crate::store::SqliteStore;
 
     fn token(id: &str, name: &str) -> crate::store::TokenRecord {
-        crate::store::TokenRecord {
-            id: id.into(),
-            name: name.into(),
-            hash: crate::auth::token::Token::generate().unwrap().hash(),
-            scope: crate::auth::Scope::Scan,
-            created_at: 0,
-            expires_at: None,
-            revoked_at: None,
-            rate: None,
-            allow_ips: vec![],
-            monthly_files: None,
-            monthly_bytes: None,
-            max_concurrent: None,
-        }
+        let hash = crate::auth::token::Token::generate().unwrap().hash();
+        crate::store::TokenRecord::plain(id, name, hash)
     }
 
     fn month(s: &str) -> Month {

@@ -41,6 +41,25 @@ pub struct TokenRecord {
 }
 
 impl TokenRecord {
+    /// A live `scan` token with no limits, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn plain(id: &str, name: &str, hash: TokenHash) -> TokenRecord {
+        TokenRecord {
+            id: id.into(),
+            name: name.into(),
+            hash,
+            scope: Scope::Scan,
+            created_at: 0,
+            expires_at: None,
+            revoked_at: None,
+            rate: None,
+            allow_ips: vec![],
+            monthly_files: None,
+            monthly_bytes: None,
+            max_concurrent: None,
+        }
+    }
+
     pub fn is_expired(&self, now: i64) -> bool {
         self.expires_at.is_some_and(|t| t <= now)
     }
