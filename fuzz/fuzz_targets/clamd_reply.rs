@@ -1,7 +1,7 @@
 //! Arbitrary bytes as clamd replies: the sans-I/O parsers in
 //! `clamd::proto` must never panic, never accept a reply without a
 //! terminator, and never call anything clean that is not exactly
-//! `stream: OK`.
+//! `stream: OK` (INSTREAM) or `fd[N]: OK` (FILDES).
 //!
 //! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run clamd_reply` from the repository
 //! root (see fuzz/README.md).
@@ -42,6 +42,29 @@ fn check_scan_reply(reply: &[u8]) {
     }
 }
 
+/// FILDES replies: `fd[N]: ...`, or an error about the command itself.
+fn check_fildes_reply(reply: &[u8]) {
+    let Ok(parsed) = ScanReply::parse_fildes(reply) else {
+        return;
+    };
+    let text = trimmed(std::str::from_utf8(reply).expect("a parsed reply is UTF-8"));
+    let subject_ok = |body: &str| {
+        text.strip_suffix(body)
+            .and_then(|s| s.strip_prefix("fd["))
+            .and_then(|s| s.strip_suffix("]: "))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    match parsed {
+        ScanReply::Clean => assert!(subject_ok("OK"), "Clean from {text:?}"),
+        ScanReply::Found(name) => {
+            assert!(!name.is_empty() && !name.contains(['\n', '\r']), "{text:?}");
+            assert!(subject_ok(&format!("{name} FOUND")), "Found from {text:?}");
+        }
+        ScanReply::Error(reason) => assert!(text.ends_with(&format!("{reason} ERROR"))),
+        ScanReply::SizeLimitExceeded => panic!("FILDES has no size limit reply: {text:?}"),
+    }
+}
+
 fn check_version(reply: &[u8]) {
     let Ok(v) = Version::parse(reply) else {
         return;
@@ -75,6 +98,7 @@ fn check_pong(reply: &[u8]) {
 
 fn check_all_parsers(reply: &[u8]) {
     check_scan_reply(reply);
+    check_fildes_reply(reply);
     check_version(reply);
     check_stats(reply);
     check_pong(reply);

@@ -17,7 +17,7 @@ use crate::http::server::{self, ServerLimits};
 use crate::http::{self as web, AppState, Limits};
 use crate::managed::{DatabaseKind, ManagedClamd};
 use crate::perimeter::{Perimeter, RateSpec};
-use crate::scan::clamav::ClamavEngine;
+use crate::scan::clamav::{ClamavEngine, EngineSettings};
 use crate::scan::Engine;
 use crate::store::SqliteStore;
 
@@ -119,9 +119,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let reloader = crate::reload::Reloader::new(config.clone(), signatures.clone());
     let engine: Arc<dyn Engine> = Arc::new(ClamavEngine::new(
         pool.clone(),
-        config.clamd.queue_timeout.0,
-        config.replay_buffer.0 as usize,
-        stream_max,
+        EngineSettings {
+            queue_timeout: config.clamd.queue_timeout.0,
+            replay_limit: config.replay_buffer.0 as usize,
+            fd_passing_max: config.clamd.fd_passing_max_size.0 as usize,
+            stream_max,
+        },
     ));
 
     // Tokens, usage and audit trail: data_dir/avgate.db.

@@ -5,13 +5,16 @@
 
 use std::fmt;
 use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::time::timeout;
 
@@ -103,6 +106,9 @@ pub enum Error {
     /// for example past StreamMaxLength) and the rest could not be sent.
     #[error("clamd answered before the stream ended: {0:?}")]
     EarlyReply(ScanReply),
+    /// FILDES over TCP: file descriptors only travel over Unix sockets.
+    #[error("passing a file descriptor needs a Unix-socket backend")]
+    FdNeedsUnixSocket,
 }
 
 impl Error {
@@ -238,6 +244,46 @@ impl Connection {
             conn: self,
             sent: 0,
         })
+    }
+
+    /// Scans an open file by handing clamd its descriptor (`FILDES`, Unix
+    /// sockets only): clamd reads the file itself, with no copy through the
+    /// socket and none into its TemporaryDirectory. clamd scans from the
+    /// start of the file whatever the descriptor's offset.
+    pub async fn scan_fd(mut self, fd: BorrowedFd<'_>) -> Result<ScanReply, Error> {
+        if !matches!(self.socket, Socket::Unix(_)) {
+            return Err(Error::FdNeedsUnixSocket);
+        }
+        // The command and the descriptor go separately: clamd refuses a
+        // descriptor that arrives with the command ("ancillary data sent
+        // without FILDES"), and wants at least one byte to carry it.
+        self.write_all(Command::Fildes.encode()).await?;
+        let Socket::Unix(socket) = &self.socket else {
+            unreachable!("checked above");
+        };
+        let send = socket.async_io(Interest::WRITABLE, || {
+            let fds = [fd];
+            let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(1))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+                return Err(io::Error::other("no room for the descriptor"));
+            }
+            let sent = rustix::net::sendmsg(
+                socket,
+                &[io::IoSlice::new(b"\0")],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            )?;
+            Ok(sent)
+        });
+        match timeout(self.timeouts.io, send).await {
+            Ok(Ok(1)) => {}
+            Ok(Ok(_)) => return Err(Error::Io(io::Error::other("descriptor not sent"))),
+            Ok(Err(e)) => return Err(Error::Io(e)),
+            Err(_) => return Err(Error::Timeout("passing the file to clamd")),
+        }
+        let reply = self.read_reply(self.timeouts.reply).await?;
+        Ok(ScanReply::parse_fildes(&reply)?)
     }
 
     /// Scans a buffer held in memory (probes, small payloads).

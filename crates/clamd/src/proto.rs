@@ -35,6 +35,8 @@ pub enum Command {
     Stats,
     Reload,
     Instream,
+    /// Scan a file descriptor passed with the next byte (Unix sockets only).
+    Fildes,
 }
 
 impl Command {
@@ -46,6 +48,7 @@ impl Command {
             Command::Stats => b"zSTATS\0",
             Command::Reload => b"zRELOAD\0",
             Command::Instream => b"zINSTREAM\0",
+            Command::Fildes => b"zFILDES\0",
         }
     }
 }
@@ -95,7 +98,7 @@ pub enum ParseError {
     Unexpected(String),
 }
 
-/// The answer to one INSTREAM.
+/// The answer to one INSTREAM (or FILDES).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ScanReply {
     /// `stream: OK`: clamd scanned the stream and found nothing. Whether it
@@ -111,18 +114,38 @@ pub enum ScanReply {
 }
 
 impl ScanReply {
+    /// Parses the answer to an INSTREAM: `stream: ...`.
     pub fn parse(reply: &[u8]) -> Result<ScanReply, ParseError> {
-        let text = std::str::from_utf8(reply).map_err(|_| ParseError::NotUtf8)?;
-        // Replies end with NUL in z-mode, but tolerate a trailing newline or
-        // spaces so a misconfigured proxy in between does not turn a FOUND
-        // into a parse error.
-        let text = text.trim_end_matches(['\n', '\r', ' ']);
+        let text = reply_text(reply)?;
         if text.starts_with("INSTREAM size limit exceeded") {
             return Ok(ScanReply::SizeLimitExceeded);
         }
         let Some(body) = text.strip_prefix("stream: ") else {
             return Err(ParseError::Unexpected(truncate(text)));
         };
+        Self::parse_body(text, body)
+    }
+
+    /// Parses the answer to a FILDES: `fd[N]: ...` for a scan, or an
+    /// error about the command itself, such as `No file descriptor
+    /// received. ERROR` (which comes back as [`ScanReply::Error`]).
+    pub fn parse_fildes(reply: &[u8]) -> Result<ScanReply, ParseError> {
+        let text = reply_text(reply)?;
+        let subject = text.split_once(": ").and_then(|(subject, body)| {
+            let n = subject.strip_prefix("fd[")?.strip_suffix(']')?;
+            (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())).then_some(body)
+        });
+        match subject {
+            Some(body) => Self::parse_body(text, body),
+            None => match text.strip_suffix(" ERROR") {
+                Some(reason) if !reason.is_empty() => Ok(ScanReply::Error(reason.to_owned())),
+                _ => Err(ParseError::Unexpected(truncate(text))),
+            },
+        }
+    }
+
+    /// The part after `subject: `.
+    fn parse_body(text: &str, body: &str) -> Result<ScanReply, ParseError> {
         if body == "OK" {
             return Ok(ScanReply::Clean);
         }
@@ -136,6 +159,14 @@ impl ScanReply {
         }
         Err(ParseError::Unexpected(truncate(text)))
     }
+}
+
+/// A reply as text. Replies end with NUL in z-mode, but a trailing newline
+/// or spaces are tolerated so that a misconfigured proxy in between does
+/// not turn a FOUND into a parse error.
+fn reply_text(reply: &[u8]) -> Result<&str, ParseError> {
+    let text = std::str::from_utf8(reply).map_err(|_| ParseError::NotUtf8)?;
+    Ok(text.trim_end_matches(['\n', '\r', ' ']))
 }
 
 /// What `VERSION` reports: `ClamAV 1.4.6` without a signed database,
@@ -344,6 +375,7 @@ mod tests {
             Command::Stats,
             Command::Reload,
             Command::Instream,
+            Command::Fildes,
         ] {
             let bytes = cmd.encode();
             assert_eq!(bytes[0], b'z', "{cmd:?}");
@@ -424,6 +456,44 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn fildes_replies() {
+        assert_eq!(
+            ScanReply::parse_fildes(b"fd[11]: OK").unwrap(),
+            ScanReply::Clean
+        );
+        assert_eq!(
+            ScanReply::parse_fildes(b"fd[7]: ClamAV-Test-File.UNOFFICIAL FOUND").unwrap(),
+            ScanReply::Found("ClamAV-Test-File.UNOFFICIAL".into())
+        );
+        assert_eq!(
+            ScanReply::parse_fildes(b"No file descriptor received. ERROR").unwrap(),
+            ScanReply::Error("No file descriptor received.".into())
+        );
+        assert_eq!(
+            ScanReply::parse_fildes(b"fd[7]: Can't allocate memory ERROR").unwrap(),
+            ScanReply::Error("Can't allocate memory".into())
+        );
+        for bad in [
+            &b"stream: OK"[..],
+            b"fd[]: OK",
+            b"fd[x]: OK",
+            b"fd[1] OK",
+            b"fd[1]: OKAY",
+            b"OK",
+            b" ERROR",
+            b"",
+        ] {
+            assert!(
+                ScanReply::parse_fildes(bad).is_err(),
+                "{:?} parsed",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // An INSTREAM reply parser never takes a FILDES reply as clean.
+        assert!(ScanReply::parse(b"fd[11]: OK").is_err());
     }
 
     #[test]

@@ -1,0 +1,187 @@
+//! How files travel to clamd: small files go to a clamd on a Unix socket
+//! as the descriptor of an in-memory file (FILDES), everything else as a
+//! stream (INSTREAM), and a clamd that cannot take descriptors still gets
+//! every file. clamd's own log says which way each file came:
+//! `/memfd:avgate-scan (deleted): ...` or `instream(local): ...`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use avgate::config::ByteSize;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BY_FD: &str = "/memfd:avgate-scan (deleted): ";
+const BY_STREAM: &str = "instream(local): ";
+
+/// A clamd that logs every verdict, clean ones too, and where it logs.
+/// (The health probes log `instream(local): Eicar...` lines of their own,
+/// so the streamed files below are told apart by their clean verdicts.)
+fn logging_clamd() -> (Clamd, tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("clamd.log");
+    let clamd = Clamd::start(&format!("LogFile {}\nLogClean yes", log.display()));
+    (clamd, dir, log)
+}
+
+/// How many lines of clamd's log contain `what`, waiting (a little) until
+/// there are at least `expected`: clamd writes each line after its reply.
+async fn logged(log: &Path, what: &str, expected: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let n = text.lines().filter(|l| l.contains(what)).count();
+        if n >= expected || Instant::now() > deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_go_as_descriptors_and_large_ones_as_streams() {
+    let (clamd, _logs, log) = logging_clamd();
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+
+    let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("FOUND")),
+        "{body}"
+    );
+    let line = format!("{BY_FD}Eicar-Test-Signature.UNOFFICIAL FOUND");
+    assert_eq!(
+        logged(&log, &line, 1).await,
+        1,
+        "EICAR was not passed as a descriptor"
+    );
+
+    // Up to 1 MiB (the default) by descriptor; the pipeline hands the
+    // engine 64 KiB pieces, all held until the end.
+    let (status, body) = gw.scan("small.bin", random_bytes(1 << 20, 1)).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("OK")),
+        "{body}"
+    );
+    assert_eq!(body["size"], 1 << 20);
+    assert_eq!(logged(&log, &format!("{BY_FD}OK"), 1).await, 1);
+
+    // One byte more: streamed.
+    let (status, body) = gw.scan("large.bin", random_bytes((1 << 20) + 1, 2)).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("OK")),
+        "{body}"
+    );
+    assert_eq!(logged(&log, &format!("{BY_STREAM}OK"), 1).await, 1);
+
+    // Streamed after being held: the held bytes are sent first, so a
+    // signature at the very start is still found.
+    let mut large = EICAR.to_vec();
+    large.extend_from_slice(&random_bytes(3 << 20, 3));
+    let (status, body) = gw.scan("large-eicar.bin", large).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("FOUND")),
+        "{body}"
+    );
+
+    // An empty file is streamed: there is nothing to hand over.
+    let (status, body) = gw.scan("empty", Vec::new()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("OK")),
+        "{body}"
+    );
+    assert_eq!(body["size"], 0);
+    assert_eq!(logged(&log, &format!("{BY_STREAM}OK"), 2).await, 2);
+    assert_eq!(logged(&log, BY_FD, 0).await, 2, "only the two small files");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptor_passing_can_be_turned_off() {
+    let (clamd, _logs, log) = logging_clamd();
+    let mut c = config(&[clamd.address()]);
+    c.clamd.fd_passing_max_size = ByteSize(0);
+    let gw = Gateway::start(c).await;
+
+    let (status, body) = gw.scan("clean.txt", b"clean".to_vec()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("OK")),
+        "{body}"
+    );
+    assert_eq!(logged(&log, &format!("{BY_STREAM}OK"), 1).await, 1);
+    assert_eq!(logged(&log, BY_FD, 0).await, 0);
+    gw.stop().await;
+}
+
+/// A Unix-socket relay in front of a real clamd that forwards bytes but
+/// not file descriptors (a plain read drops them), as a clamd that cannot
+/// receive one behaves. Counts the FILDES commands that pass through.
+async fn fd_dropping_relay(clamd: &Clamd) -> (String, Arc<AtomicUsize>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let upstream = clamd.socket.clone();
+    let fildes = Arc::new(AtomicUsize::new(0));
+    let count = fildes.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut server = tokio::net::UnixStream::connect(&upstream).await?;
+                let mut first = vec![0u8; 64 * 1024];
+                let n = client.read(&mut first).await?;
+                if first[..n].starts_with(b"zFILDES\0") {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+                server.write_all(&first[..n]).await?;
+                tokio::io::copy_bidirectional(&mut client, &mut server).await?;
+                std::io::Result::Ok(())
+            });
+        }
+    });
+    (format!("unix:{}", path.display()), fildes, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clamd_that_refuses_descriptors_still_scans_every_file() {
+    let (clamd, _logs, log) = logging_clamd();
+    let (address, fildes, _dir) = fd_dropping_relay(&clamd).await;
+    let gw = Gateway::start(config(&[address])).await;
+
+    // The first small file tries FILDES, clamd answers "No file descriptor
+    // received. ERROR", and the file is streamed instead: same verdict.
+    let (status, body) = gw.scan("clean.txt", b"clean".to_vec()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("OK")),
+        "{body}"
+    );
+    let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("FOUND")),
+        "{body}"
+    );
+    let (status, body) = gw.scan("clean2.txt", b"clean too".to_vec()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("OK")),
+        "{body}"
+    );
+
+    // Tried once, then never again for this backend.
+    assert_eq!(fildes.load(Ordering::SeqCst), 1);
+    assert_eq!(logged(&log, &format!("{BY_STREAM}OK"), 2).await, 2);
+    assert_eq!(logged(&log, BY_FD, 0).await, 0);
+    gw.stop().await;
+}
