@@ -122,7 +122,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         EngineSettings {
             queue_timeout: config.clamd.queue_timeout.0,
             replay_limit: config.replay_buffer.0 as usize,
-            fd_passing_max: config.clamd.fd_passing_max_size.0 as usize,
+            small_file_max: config.clamd.small_file_max_size.0 as usize,
             stream_max,
         },
     ));

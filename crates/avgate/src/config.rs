@@ -178,11 +178,13 @@ pub struct ClamdConfig {
     /// StreamMaxLength of the external backends, when known: larger files
     /// are reported unscannable without being sent.
     pub stream_max_length: Option<ByteSize>,
-    /// Files up to this size (at most `replay_buffer`) go to a clamd on a
-    /// Unix socket as the descriptor of an in-memory file (FILDES) instead
-    /// of a stream: clamd skips the socket copy and its temporary file,
-    /// about a quarter of its CPU per small file. 0: always stream.
-    pub fd_passing_max_size: ByteSize,
+    /// Files up to this size (at most `replay_buffer`) are held until
+    /// complete and sent in one go on a reused clamd session (IDSESSION):
+    /// to a clamd on a Unix socket as the descriptor of an in-memory file
+    /// (FILDES), so clamd skips the socket copy and its temporary file;
+    /// to a TCP one as one INSTREAM write. 0: every file is streamed on a
+    /// connection of its own.
+    pub small_file_max_size: ByteSize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -433,7 +435,7 @@ impl Default for ClamdConfig {
             queue_timeout: Humantime(Duration::from_secs(10)),
             health_interval: Humantime(Duration::from_secs(5)),
             stream_max_length: None,
-            fd_passing_max_size: ByteSize(1024 * 1024),
+            small_file_max_size: ByteSize(1024 * 1024),
         }
     }
 }

@@ -18,7 +18,6 @@ use avgate::config::{Config, Humantime};
 use avgate::store::{clock, SqliteStore};
 use common::*;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 /// avgate in this process, keeping its `Running` for direct calls.
@@ -270,51 +269,6 @@ async fn install_cud(clamd: &Clamd, cud: &[u8], version: u32) {
     }
 }
 
-/// A clamd stand-in that answers the readiness probe and VERSION with
-/// `version`.
-async fn fake_clamd(version: &'static str) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = format!("tcp://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut cmd = Vec::new();
-                while let Ok(b) = s.read_u8().await {
-                    if b == 0 {
-                        break;
-                    }
-                    cmd.push(b);
-                }
-                let reply: Vec<u8> = match cmd.as_slice() {
-                    b"zVERSION" => version.as_bytes().to_vec(),
-                    b"zINSTREAM" => {
-                        let mut payload = Vec::new();
-                        while let Ok(len) = s.read_u32().await {
-                            if len == 0 {
-                                break;
-                            }
-                            let mut chunk = vec![0; len as usize];
-                            if s.read_exact(&mut chunk).await.is_err() {
-                                return;
-                            }
-                            payload.extend_from_slice(&chunk);
-                        }
-                        if payload == EICAR {
-                            b"stream: Eicar-Test-Signature FOUND".to_vec()
-                        } else {
-                            b"stream: OK".to_vec()
-                        }
-                    }
-                    _ => b"UNKNOWN COMMAND".to_vec(),
-                };
-                let _ = s.write_all(&reply).await;
-                let _ = s.write_all(b"\0").await;
-            });
-        }
-    });
-    address
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_versions_and_ages_are_reported_per_backend() {
     let (a, b) = (Clamd::start(""), Clamd::start(""));
@@ -363,8 +317,9 @@ async fn database_versions_and_ages_are_reported_per_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_signed_database_fails_readiness_until_the_limit_allows_it() {
-    let old = fake_clamd("ClamAV 1.4.6/26000/Mon Jan  1 10:00:00 2024").await;
-    let cfg = config(&[old]);
+    let old =
+        FakeClamd::with_version(Fault::None, "ClamAV 1.4.6/26000/Mon Jan  1 10:00:00 2024").await;
+    let cfg = config(std::slice::from_ref(&old.address));
     let running = avgate::app::start(cfg.clone()).await.unwrap();
     let gw = Gw {
         base: format!("http://{}", running.addr),

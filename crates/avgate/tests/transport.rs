@@ -108,7 +108,7 @@ async fn small_files_go_as_descriptors_and_large_ones_as_streams() {
 async fn descriptor_passing_can_be_turned_off() {
     let (clamd, _logs, log) = logging_clamd();
     let mut c = config(&[clamd.address()]);
-    c.clamd.fd_passing_max_size = ByteSize(0);
+    c.clamd.small_file_max_size = ByteSize(0);
     let gw = Gateway::start(c).await;
 
     let (status, body) = gw.scan("clean.txt", b"clean".to_vec()).await;
@@ -122,40 +122,62 @@ async fn descriptor_passing_can_be_turned_off() {
     gw.stop().await;
 }
 
+/// What passed through a [`relay`].
+#[derive(Default)]
+struct Seen {
+    sessions: AtomicUsize,
+    fildes: AtomicUsize,
+}
+
 /// A Unix-socket relay in front of a real clamd that forwards bytes but
 /// not file descriptors (a plain read drops them), as a clamd that cannot
-/// receive one behaves. Counts the FILDES commands that pass through.
-async fn fd_dropping_relay(clamd: &Clamd) -> (String, Arc<AtomicUsize>, tempfile::TempDir) {
+/// receive one behaves. Counts the sessions opened and the FILDES commands
+/// sent through it.
+async fn relay(clamd: &Clamd) -> (String, Arc<Seen>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("relay.sock");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let upstream = clamd.socket.clone();
-    let fildes = Arc::new(AtomicUsize::new(0));
-    let count = fildes.clone();
+    let seen = Arc::new(Seen::default());
+    let counts = seen.clone();
     tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
+        while let Ok((client, _)) = listener.accept().await {
             let upstream = upstream.clone();
-            let count = count.clone();
+            let counts = counts.clone();
             tokio::spawn(async move {
-                let mut server = tokio::net::UnixStream::connect(&upstream).await?;
-                let mut first = vec![0u8; 64 * 1024];
-                let n = client.read(&mut first).await?;
-                if first[..n].starts_with(b"zFILDES\0") {
-                    count.fetch_add(1, Ordering::SeqCst);
+                let server = tokio::net::UnixStream::connect(&upstream).await?;
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                tokio::spawn(async move { tokio::io::copy(&mut server_rx, &mut client_tx).await });
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    let n = client_rx.read(&mut buf).await?;
+                    if n == 0 {
+                        return std::io::Result::Ok(());
+                    }
+                    let data = &buf[..n];
+                    for (pattern, counter) in [
+                        (&b"zIDSESSION\0"[..], &counts.sessions),
+                        (&b"zFILDES\0"[..], &counts.fildes),
+                    ] {
+                        let hits = data
+                            .windows(pattern.len())
+                            .filter(|w| *w == pattern)
+                            .count();
+                        counter.fetch_add(hits, Ordering::SeqCst);
+                    }
+                    server_tx.write_all(data).await?;
                 }
-                server.write_all(&first[..n]).await?;
-                tokio::io::copy_bidirectional(&mut client, &mut server).await?;
-                std::io::Result::Ok(())
             });
         }
     });
-    (format!("unix:{}", path.display()), fildes, dir)
+    (format!("unix:{}", path.display()), seen, dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clamd_that_refuses_descriptors_still_scans_every_file() {
     let (clamd, _logs, log) = logging_clamd();
-    let (address, fildes, _dir) = fd_dropping_relay(&clamd).await;
+    let (address, seen, _dir) = relay(&clamd).await;
     let gw = Gateway::start(config(&[address])).await;
 
     // The first small file tries FILDES, clamd answers "No file descriptor
@@ -180,8 +202,74 @@ async fn a_clamd_that_refuses_descriptors_still_scans_every_file() {
     );
 
     // Tried once, then never again for this backend.
-    assert_eq!(fildes.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.fildes.load(Ordering::SeqCst), 1);
     assert_eq!(logged(&log, &format!("{BY_STREAM}OK"), 2).await, 2);
     assert_eq!(logged(&log, BY_FD, 0).await, 0);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_reuse_one_clamd_session() {
+    let (clamd, _logs, log) = logging_clamd();
+    let (address, seen, _dir) = relay(&clamd).await;
+    let gw = Gateway::start(config(&[address])).await;
+
+    // The relay drops descriptors, so after the first file (which falls
+    // back to a stream) small files go as INSTREAM inside a session.
+    for i in 0..6 {
+        let (status, body) = gw
+            .scan("clean.txt", format!("clean {i}").into_bytes())
+            .await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("OK")),
+            "{body}"
+        );
+    }
+    let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("FOUND")),
+        "{body}"
+    );
+    // One session for the refused descriptor, one for the five files and
+    // EICAR that followed, one after the other.
+    assert_eq!(seen.sessions.load(Ordering::SeqCst), 2);
+    assert_eq!(logged(&log, &format!("{BY_STREAM}OK"), 6).await, 6);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_clamd_closed_while_idle_is_replaced_not_an_error() {
+    // clamd closes a session that sends no command for ReadTimeout (here
+    // 1 s; 120 s by default), and avgate reuses sessions idle up to 10 s.
+    let clamd = Clamd::start("ReadTimeout 1");
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+    let (status, body) = gw.scan("clean.txt", b"clean".to_vec()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("OK")),
+        "{body}"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for name in ["after-idle.txt", "again.txt"] {
+        let (status, body) = gw.scan(name, b"clean".to_vec()).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("OK")),
+            "{body}"
+        );
+    }
+    let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("FOUND")),
+        "{body}"
+    );
+    // The backend was never taken for down.
+    let r = gw.client.get(gw.url("/readyz")).send().await.unwrap();
+    let (status, ready) = json(r).await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["backends"][0]["state"], "up");
     gw.stop().await;
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::str::FromStr;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
@@ -251,6 +251,13 @@ impl Connection {
     /// socket and none into its TemporaryDirectory. clamd scans from the
     /// start of the file whatever the descriptor's offset.
     pub async fn scan_fd(mut self, fd: BorrowedFd<'_>) -> Result<ScanReply, Error> {
+        self.send_fd(fd).await?;
+        let reply = self.read_reply(self.timeouts.reply).await?;
+        Ok(ScanReply::parse_fildes(&reply)?)
+    }
+
+    /// Sends `FILDES` and the descriptor.
+    async fn send_fd(&mut self, fd: BorrowedFd<'_>) -> Result<(), Error> {
         if !matches!(self.socket, Socket::Unix(_)) {
             return Err(Error::FdNeedsUnixSocket);
         }
@@ -277,13 +284,22 @@ impl Connection {
             Ok(sent)
         });
         match timeout(self.timeouts.io, send).await {
-            Ok(Ok(1)) => {}
-            Ok(Ok(_)) => return Err(Error::Io(io::Error::other("descriptor not sent"))),
-            Ok(Err(e)) => return Err(Error::Io(e)),
-            Err(_) => return Err(Error::Timeout("passing the file to clamd")),
+            Ok(Ok(1)) => Ok(()),
+            Ok(Ok(_)) => Err(Error::Io(io::Error::other("descriptor not sent"))),
+            Ok(Err(e)) => Err(Error::Io(e)),
+            Err(_) => Err(Error::Timeout("passing the file to clamd")),
         }
-        let reply = self.read_reply(self.timeouts.reply).await?;
-        Ok(ScanReply::parse_fildes(&reply)?)
+    }
+
+    /// Starts an `IDSESSION` on this connection: several commands, one
+    /// after the other, without a new connection each.
+    pub async fn session(mut self) -> Result<Session, Error> {
+        self.write_all(Command::IdSession.encode()).await?;
+        Ok(Session {
+            conn: self,
+            next_id: 1,
+            idle_since: Instant::now(),
+        })
     }
 
     /// Scans a buffer held in memory (probes, small payloads).
@@ -327,6 +343,72 @@ impl Connection {
         timeout(limit, read)
             .await
             .map_err(|_| Error::Timeout("waiting for clamd's reply"))?
+    }
+}
+
+/// A connection in `IDSESSION` mode, used for one command at a time, so
+/// replies come back in order (clamd numbers them; we check the number).
+///
+/// clamd closes a session that sends no command for its `ReadTimeout` (120 s
+/// by default), and the caller cannot tell in advance: a failure on a session that was
+/// idle must be retried on a new connection, never taken for a verdict.
+/// A session that answered anything but a verdict is not used again.
+#[derive(Debug)]
+pub struct Session {
+    conn: Connection,
+    next_id: u64,
+    idle_since: Instant,
+}
+
+impl Session {
+    /// How long this session has waited since its last reply.
+    pub fn idle_for(&self) -> Duration {
+        self.idle_since.elapsed()
+    }
+
+    /// `FILDES` inside the session (see [`Connection::scan_fd`]).
+    pub async fn scan_fd(&mut self, fd: BorrowedFd<'_>) -> Result<ScanReply, Error> {
+        self.conn.send_fd(fd).await?;
+        let reply = self.reply().await?;
+        Ok(ScanReply::parse_fildes(reply.as_bytes())?)
+    }
+
+    /// `INSTREAM` of data held in memory, inside the session.
+    pub async fn scan_chunks(&mut self, chunks: &[bytes::Bytes]) -> Result<ScanReply, Error> {
+        let mut message = Vec::with_capacity(
+            Command::Instream.encode().len()
+                + chunks.iter().map(|c| c.len() + 4).sum::<usize>()
+                + proto::END_OF_STREAM.len(),
+        );
+        message.extend_from_slice(Command::Instream.encode());
+        for chunk in chunks {
+            for piece in chunk.chunks(proto::MAX_CHUNK) {
+                if let Some(header) = proto::chunk_header(piece.len()) {
+                    message.extend_from_slice(&header);
+                    message.extend_from_slice(piece);
+                }
+            }
+        }
+        message.extend_from_slice(&proto::END_OF_STREAM);
+        self.conn.write_all(&message).await?;
+        let reply = self.reply().await?;
+        Ok(ScanReply::parse(reply.as_bytes())?)
+    }
+
+    /// Reads the next reply and checks that it answers our last command.
+    async fn reply(&mut self) -> Result<String, Error> {
+        let reply = self.conn.read_reply(self.conn.timeouts.reply).await?;
+        let text = String::from_utf8(reply).map_err(|_| proto::ParseError::NotUtf8)?;
+        let Some(body) = proto::strip_session_id(&text, self.next_id) else {
+            return Err(proto::ParseError::Unexpected(format!(
+                "reply {text:?} does not answer session command {}",
+                self.next_id
+            ))
+            .into());
+        };
+        self.next_id += 1;
+        self.idle_since = Instant::now();
+        Ok(body.to_owned())
     }
 }
 

@@ -22,7 +22,7 @@ pub mod database;
 pub mod pool;
 pub mod proto;
 
-pub use conn::{Address, Connection, Error, Instream, Timeouts};
+pub use conn::{Address, Connection, Error, Instream, Session, Timeouts};
 pub use pool::{
     AcquireError, Backend, BackendConfig, BackendStatus, DatabaseDating, Health, Lease, Pool, EICAR,
 };

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::conn::{Address, Connection, Error, Timeouts};
+use crate::conn::{Address, Connection, Error, Session, Timeouts};
 use crate::proto::{ScanReply, Version};
 
 /// The EICAR test string, used as a readiness probe: a clamd whose database
@@ -60,7 +60,15 @@ pub struct Backend {
     /// healthy ones (see [`Backend::set_draining`]).
     draining: AtomicBool,
     state: Mutex<BackendState>,
+    /// Sessions (IDSESSION connections) waiting for their next scan, the
+    /// most recently used last. At most `max_concurrent`.
+    idle: Mutex<Vec<Session>>,
 }
+
+/// Sessions idle longer than this are closed rather than reused: clamd
+/// closes them itself when no command comes for its ReadTimeout (120 s by
+/// default), and a session it has closed costs a failed attempt.
+pub const SESSION_MAX_IDLE: Duration = Duration::from_secs(10);
 
 #[derive(Debug)]
 struct BackendState {
@@ -135,6 +143,7 @@ impl Backend {
             scans: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            idle: Mutex::new(Vec::new()),
             state: Mutex::new(BackendState {
                 health: Health::Unknown,
                 version: None,
@@ -205,6 +214,10 @@ impl Backend {
             _ => {}
         }
         self.healthy.store(health == Health::Up, Ordering::Release);
+        if health != Health::Up {
+            // Whatever was open to a failing clamd is not worth reusing.
+            self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
         state.health = health;
     }
 
@@ -627,6 +640,38 @@ impl Lease {
 
     pub async fn connect(&self, timeouts: Timeouts) -> Result<Connection, Error> {
         Connection::connect(&self.backend.address, timeouts).await
+    }
+
+    /// A session that a previous scan left open on this backend, if one
+    /// is fresh enough (see [`SESSION_MAX_IDLE`]). It may still turn out
+    /// closed by clamd: retry such a failure on a new session.
+    pub fn reuse_session(&self) -> Option<Session> {
+        let mut idle = self.backend.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // The most recent is the likeliest to be open; older ones than the
+        // limit are closed (dropped) on the way.
+        while let Some(session) = idle.pop() {
+            if session.idle_for() < SESSION_MAX_IDLE {
+                return Some(session);
+            }
+            idle.clear();
+        }
+        None
+    }
+
+    /// Opens a new session on this backend.
+    pub async fn new_session(&self, timeouts: Timeouts) -> Result<Session, Error> {
+        self.connect(timeouts).await?.session().await
+    }
+
+    /// Keeps a session that just answered a verdict for the next scan.
+    pub fn keep_session(&self, session: Session) {
+        if !self.backend.healthy.load(Ordering::Acquire) {
+            return;
+        }
+        let mut idle = self.backend.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.backend.max_concurrent {
+            idle.push(session);
+        }
     }
 }
 

@@ -37,6 +37,9 @@ pub enum Command {
     Instream,
     /// Scan a file descriptor passed with the next byte (Unix sockets only).
     Fildes,
+    /// Start a session: later commands on the connection are answered
+    /// `N: reply`, N counting from 1.
+    IdSession,
 }
 
 impl Command {
@@ -49,6 +52,7 @@ impl Command {
             Command::Reload => b"zRELOAD\0",
             Command::Instream => b"zINSTREAM\0",
             Command::Fildes => b"zFILDES\0",
+            Command::IdSession => b"zIDSESSION\0",
         }
     }
 }
@@ -159,6 +163,13 @@ impl ScanReply {
         }
         Err(ParseError::Unexpected(truncate(text)))
     }
+}
+
+/// The reply to command `id` of a session without its `id: ` prefix, or
+/// `None` if it answers another command (or is not a session reply).
+pub fn strip_session_id(reply: &str, id: u64) -> Option<&str> {
+    let (n, rest) = reply.split_once(": ")?;
+    (n.bytes().all(|b| b.is_ascii_digit()) && n.parse::<u64>().ok()? == id).then_some(rest)
 }
 
 /// A reply as text. Replies end with NUL in z-mode, but a trailing newline
@@ -376,6 +387,7 @@ mod tests {
             Command::Reload,
             Command::Instream,
             Command::Fildes,
+            Command::IdSession,
         ] {
             let bytes = cmd.encode();
             assert_eq!(bytes[0], b'z', "{cmd:?}");
@@ -494,6 +506,19 @@ mod tests {
         }
         // An INSTREAM reply parser never takes a FILDES reply as clean.
         assert!(ScanReply::parse(b"fd[11]: OK").is_err());
+    }
+
+    #[test]
+    fn session_replies_carry_the_command_number() {
+        assert_eq!(strip_session_id("1: stream: OK", 1), Some("stream: OK"));
+        assert_eq!(
+            strip_session_id("12: fd[9]: Eicar FOUND", 12),
+            Some("fd[9]: Eicar FOUND")
+        );
+        assert_eq!(strip_session_id("2: stream: OK", 1), None);
+        assert_eq!(strip_session_id("stream: OK", 1), None);
+        assert_eq!(strip_session_id("+1: stream: OK", 1), None);
+        assert_eq!(strip_session_id(": stream: OK", 1), None);
     }
 
     #[test]

@@ -1,14 +1,16 @@
 //! The ClamAV engine: streams a file to one clamd of the pool, and fails
 //! over to another when its backend dies and the bytes can be replayed.
 //!
-//! Small files bound for a clamd on a Unix socket take a shortcut: they
-//! are held (they are held for replay anyway), written to an in-memory
-//! file (memfd) once complete, and clamd is handed its descriptor
-//! (FILDES). clamd then scans it in place instead of reading a stream and
-//! writing it to its temporary directory first, which on a 1 KiB file is
-//! about a quarter of clamd's CPU. Whatever FILDES cannot do, the stream
-//! does: a refusal of the descriptor (an old or confined clamd) falls back
-//! to INSTREAM and stops the shortcut for that backend.
+//! Small files (`clamd.small_file_max_size`) take a shortcut: they are
+//! held until complete (they are held for replay anyway) and sent in one
+//! go on a clamd session that earlier scans left open, instead of a new
+//! connection per file. To a clamd on a Unix socket they go as an
+//! in-memory file (memfd) whose descriptor clamd receives (FILDES): clamd
+//! scans it in place instead of reading a stream and writing it to its
+//! temporary directory first, which on a 1 KiB file is about a quarter of
+//! clamd's CPU. Whatever the shortcut cannot do, the stream does: a
+//! refused descriptor (an old or confined clamd) falls back to INSTREAM
+//! and stops descriptors for that backend.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -36,9 +38,9 @@ pub struct EngineSettings {
     pub queue_timeout: Duration,
     /// Bytes of each upload held so that a failed scan can be replayed.
     pub replay_limit: usize,
-    /// Largest file handed over as a descriptor (capped at `replay_limit`);
-    /// 0 disables descriptor passing.
-    pub fd_passing_max: usize,
+    /// Largest file held until complete and sent in one go over a session
+    /// (capped at `replay_limit`); 0: every file is streamed.
+    pub small_file_max: usize,
     /// StreamMaxLength per backend (same order as the pool), when known.
     pub stream_max: Vec<Option<u64>>,
 }
@@ -47,7 +49,7 @@ struct Settings {
     pool: Arc<Pool>,
     queue_timeout: Duration,
     replay_limit: usize,
-    fd_limit: usize,
+    small_file_max: usize,
     stream_max: Vec<Option<u64>>,
     /// Per backend: still worth trying FILDES on (a Unix socket that has
     /// not refused a descriptor).
@@ -66,7 +68,7 @@ impl ClamavEngine {
                 pool,
                 queue_timeout: settings.queue_timeout,
                 replay_limit: settings.replay_limit,
-                fd_limit: settings.fd_passing_max.min(settings.replay_limit),
+                small_file_max: settings.small_file_max.min(settings.replay_limit),
                 stream_max: settings.stream_max,
                 fd_passing,
             }),
@@ -239,61 +241,98 @@ impl ClamavScan {
         }
     }
 
-    /// Whether a file of `size` bytes, all of them held, can still go to
-    /// the current backend as a descriptor.
-    fn may_pass_fd(&self, size: usize) -> bool {
-        let Some(lease) = &self.lease else {
-            return false;
-        };
-        size <= self.settings.fd_limit
-            && self.replay.is_some()
-            && self.settings.fd_passing[lease.index()].load(Ordering::Relaxed)
+    /// Whether a file of `size` bytes, all of them held, is still small
+    /// enough to be sent in one go at the end.
+    fn may_hold(&self, size: usize) -> bool {
+        self.lease.is_some() && self.replay.is_some() && size <= self.settings.small_file_max
     }
 
-    /// Scans the held bytes as a descriptor. `None`: clamd could not take
-    /// it; the caller streams the file instead.
-    async fn scan_fd(&mut self) -> Result<Option<ScanReply>, EngineError> {
+    /// Scans a small file whose bytes are all held: on a session of the
+    /// backend (reused if one is open), as a descriptor to a Unix socket,
+    /// in one INSTREAM write otherwise. `None`: clamd could not take the
+    /// descriptor (or the backend failed and the scan moved on to another
+    /// one's stream); the caller goes on with a stream.
+    async fn scan_held(&mut self) -> Result<Option<ScanReply>, EngineError> {
         let (Some(lease), Some(held)) = (&self.lease, &self.replay) else {
             return Ok(None);
         };
-        let file = match memory_file(held) {
-            Ok(file) => file,
-            Err(e) => {
-                // No memfd here (an old kernel, a seccomp filter): stream.
-                self.stop_fd_passing(&format!("cannot create an in-memory file: {e}"));
-                return Ok(None);
+        let mut fd_refused = None;
+        let file = if self.settings.fd_passing[lease.index()].load(Ordering::Relaxed) {
+            match memory_file(held) {
+                Ok(file) => Some(file),
+                Err(e) => {
+                    // No memfd here (an old kernel, a seccomp filter).
+                    fd_refused = Some(format!("cannot create an in-memory file: {e}"));
+                    None
+                }
             }
+        } else {
+            None
         };
         let timeouts = self.settings.pool.timeouts();
-        let result = async {
-            use std::os::fd::AsFd;
-            lease.connect(timeouts).await?.scan_fd(file.as_fd()).await
-        }
-        .await;
-        match result {
-            Ok(ScanReply::Error(reason)) => {
-                // Either clamd refused the descriptor (a clamd that cannot
-                // receive one, or confined so that it may not read it) or
-                // the scan itself failed; the stream settles both.
-                if reason.contains("file descriptor") || reason.contains("ancillary") {
-                    self.stop_fd_passing(&reason);
-                } else {
-                    tracing::debug!(backend = %lease.backend().address, %reason, "FILDES scan failed; streaming instead");
+        let mut reused = lease.reuse_session();
+        let outcome = loop {
+            let was_reused = reused.is_some();
+            let mut session = match reused.take() {
+                Some(session) => session,
+                None => match lease.new_session(timeouts).await {
+                    Ok(session) => session,
+                    Err(e) => break Held::BackendFailed(e),
+                },
+            };
+            let result = match &file {
+                Some(file) => {
+                    use std::os::fd::AsFd;
+                    session.scan_fd(file.as_fd()).await
                 }
-                Ok(None)
+                None => session.scan_chunks(held).await,
+            };
+            match result {
+                Ok(reply @ (ScanReply::Clean | ScanReply::Found(_))) => {
+                    lease.keep_session(session);
+                    break Held::Reply(reply);
+                }
+                Ok(ScanReply::Error(reason)) if file.is_some() => {
+                    // Either clamd refused the descriptor (one that cannot
+                    // receive it, or is confined so that it may not read
+                    // it) or the scan failed; a stream settles both.
+                    if reason.contains("file descriptor") || reason.contains("ancillary") {
+                        fd_refused = Some(reason);
+                    } else {
+                        tracing::debug!(backend = %lease.backend().address, %reason, "FILDES scan failed; streaming instead");
+                    }
+                    break Held::Stream;
+                }
+                Ok(reply) => break Held::Reply(reply),
+                // clamd closes idle sessions on its own: a failure on a
+                // reused one says nothing about the backend. Once more on a
+                // new session.
+                Err(e) if was_reused && !e.is_timeout() => {
+                    tracing::debug!(backend = %lease.backend().address, error = %e, "reused clamd session failed; opening a new one");
+                }
+                Err(e) if e.is_timeout() => {
+                    lease.backend().mark_down(&e);
+                    return Err(engine_error(e));
+                }
+                Err(e @ (clamd::Error::Protocol(_) | clamd::Error::FdNeedsUnixSocket))
+                    if file.is_some() =>
+                {
+                    fd_refused = Some(e.to_string());
+                    break Held::Stream;
+                }
+                Err(e @ clamd::Error::Protocol(_)) => return Err(engine_error(e)),
+                Err(e) => break Held::BackendFailed(e),
             }
-            Ok(reply) => Ok(Some(reply)),
-            Err(e) if e.is_timeout() => {
-                lease.backend().mark_down(&e);
-                Err(engine_error(e))
-            }
-            Err(e @ (clamd::Error::Protocol(_) | clamd::Error::FdNeedsUnixSocket)) => {
-                self.stop_fd_passing(&e.to_string());
-                Ok(None)
-            }
-            Err(e) => {
-                // The backend failed (connection refused or reset): the
-                // stream goes to another one, with the held bytes.
+        };
+        if let Some(why) = fd_refused {
+            self.stop_fd_passing(&why);
+        }
+        match outcome {
+            Held::Reply(reply) => Ok(Some(reply)),
+            Held::Stream => Ok(None),
+            Held::BackendFailed(e) => {
+                // Connection refused or reset: the stream goes to another
+                // backend, with the held bytes.
                 self.fail_over(e).await?;
                 Ok(None)
             }
@@ -388,13 +427,13 @@ impl EngineScan for ClamavScan {
             }
         }
         if self.stream.is_none() {
-            if self.may_pass_fd(self.replay_bytes + chunk.len()) {
-                // Held until the end, when it may go as a descriptor.
+            if self.may_hold(self.replay_bytes + chunk.len()) {
+                // Held until the end, when it may go in one piece.
                 self.hold(chunk);
                 return Ok(());
             }
-            // The first bytes, or more than a descriptor should carry: now
-            // the stream, with what was held so far.
+            // More than a small file: now the stream, with what was held
+            // so far.
             self.start_stream().await?;
             if self.early.is_some() {
                 return Ok(());
@@ -433,10 +472,10 @@ impl EngineScan for ClamavScan {
                 return self.report(reply);
             }
             if self.stream.is_none() {
-                // Nothing sent yet: a small file (as a descriptor if the
-                // backend takes one), an empty one, or a fallback.
-                if self.replay_bytes > 0 && self.may_pass_fd(self.replay_bytes) {
-                    if let Some(reply) = self.scan_fd().await? {
+                // Nothing sent yet: a small file, an empty one (streamed:
+                // nothing to hand over), or a fallback.
+                if self.replay_bytes > 0 && self.may_hold(self.replay_bytes) {
+                    if let Some(reply) = self.scan_held().await? {
                         return self.report(reply);
                     }
                     if self.stream.is_some() || self.early.is_some() {
@@ -464,6 +503,14 @@ impl EngineScan for ClamavScan {
             }
         }
     }
+}
+
+/// How a held small file fared.
+enum Held {
+    Reply(ScanReply),
+    /// Stream it instead (descriptor refused).
+    Stream,
+    BackendFailed(clamd::Error),
 }
 
 fn engine_error(e: clamd::Error) -> EngineError {

@@ -353,6 +353,9 @@ pub enum Fault {
     Malformed,
     /// Reads this many payload bytes, then drops the connection.
     DieAfter(usize),
+    /// No fault: answers `stream: OK` (for tests of what VERSION says,
+    /// such as a signed database's age, which a test clamd cannot have).
+    None,
 }
 
 /// A hand-written clamd for faults a real one cannot be made to produce.
@@ -364,6 +367,11 @@ pub struct FakeClamd {
 
 impl FakeClamd {
     pub async fn start(fault: Fault) -> FakeClamd {
+        FakeClamd::with_version(fault, "ClamAV 1.4.6").await
+    }
+
+    /// Answers VERSION with `version`.
+    pub async fn with_version(fault: Fault, version: &'static str) -> FakeClamd {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = format!("tcp://{}", listener.local_addr().unwrap());
         let stop = Arc::new(AtomicBool::new(false));
@@ -376,7 +384,7 @@ impl FakeClamd {
                 };
                 let scans = scans2.clone();
                 tokio::spawn(async move {
-                    let _ = fake_session(socket, fault, scans).await;
+                    let _ = fake_session(socket, fault, version, scans).await;
                 });
             }
         });
@@ -397,51 +405,86 @@ impl Drop for FakeClamd {
 async fn fake_session(
     mut s: tokio::net::TcpStream,
     fault: Fault,
+    version: &str,
     scans: Arc<std::sync::atomic::AtomicUsize>,
 ) -> std::io::Result<()> {
+    // Outside a session one command per connection; inside (IDSESSION, as
+    // avgate uses for small files) one after the other, answered `N: ...`.
+    let mut session: Option<u64> = None;
+    loop {
+        let cmd = read_command(&mut s).await?;
+        if cmd == b"zIDSESSION" && session.is_none() {
+            session = Some(0);
+            continue;
+        }
+        let prefix = match &mut session {
+            Some(n) => {
+                *n += 1;
+                format!("{n}: ")
+            }
+            None => String::new(),
+        };
+        let reply = |text: &str| [prefix.as_bytes(), text.as_bytes(), b"\0"].concat();
+        match cmd.as_slice() {
+            b"zVERSION" => s.write_all(&reply(version)).await?,
+            b"zPING" => s.write_all(&reply("PONG")).await?,
+            b"zEND" => return Ok(()),
+            b"zINSTREAM" => {
+                let mut payload = Vec::new();
+                let mut total = 0usize;
+                loop {
+                    let len = s.read_u32().await? as usize;
+                    if len == 0 {
+                        break;
+                    }
+                    let mut chunk = vec![0u8; len];
+                    s.read_exact(&mut chunk).await?;
+                    total += len;
+                    if payload.len() < 4096 {
+                        payload.extend_from_slice(&chunk[..len.min(4096)]);
+                    }
+                    if let Fault::DieAfter(n) = fault {
+                        if total >= n && payload != EICAR {
+                            return Ok(()); // drop the connection mid-stream
+                        }
+                    }
+                }
+                if payload == EICAR {
+                    s.write_all(&reply("stream: Eicar-Test-Signature FOUND"))
+                        .await?;
+                } else {
+                    scans.fetch_add(1, Ordering::Relaxed);
+                    match fault {
+                        Fault::StallReply => tokio::time::sleep(Duration::from_secs(3600)).await,
+                        Fault::Malformed => {
+                            s.write_all(&reply("stream: it is probably fine")).await?
+                        }
+                        Fault::DieAfter(_) => {}
+                        Fault::None => s.write_all(&reply("stream: OK")).await?,
+                    }
+                    if !matches!(fault, Fault::None) {
+                        return Ok(());
+                    }
+                }
+            }
+            _ => {
+                s.write_all(&reply("UNKNOWN COMMAND")).await?;
+                return Ok(());
+            }
+        }
+        if session.is_none() {
+            return Ok(());
+        }
+    }
+}
+
+async fn read_command(s: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>> {
     let mut cmd = Vec::new();
     loop {
         let b = s.read_u8().await?;
         if b == 0 {
-            break;
+            return Ok(cmd);
         }
         cmd.push(b);
     }
-    match cmd.as_slice() {
-        b"zVERSION" => s.write_all(b"ClamAV 1.4.6\0").await?,
-        b"zPING" => s.write_all(b"PONG\0").await?,
-        b"zINSTREAM" => {
-            let mut payload = Vec::new();
-            let mut total = 0usize;
-            loop {
-                let len = s.read_u32().await? as usize;
-                if len == 0 {
-                    break;
-                }
-                let mut chunk = vec![0u8; len];
-                s.read_exact(&mut chunk).await?;
-                total += len;
-                if payload.len() < 4096 {
-                    payload.extend_from_slice(&chunk[..len.min(4096)]);
-                }
-                if let Fault::DieAfter(n) = fault {
-                    if total >= n && payload != EICAR {
-                        return Ok(()); // drop the connection mid-stream
-                    }
-                }
-            }
-            if payload == EICAR {
-                s.write_all(b"stream: Eicar-Test-Signature FOUND\0").await?;
-                return Ok(());
-            }
-            scans.fetch_add(1, Ordering::Relaxed);
-            match fault {
-                Fault::StallReply => tokio::time::sleep(Duration::from_secs(3600)).await,
-                Fault::Malformed => s.write_all(b"stream: it is probably fine\0").await?,
-                Fault::DieAfter(_) => {}
-            }
-        }
-        _ => s.write_all(b"UNKNOWN COMMAND\0").await?,
-    }
-    Ok(())
 }
