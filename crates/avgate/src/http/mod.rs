@@ -109,7 +109,7 @@ async fn request_context(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let id = uuid::Uuid::new_v4().simple().to_string();
+    let id = observe::RequestId::next().0;
     let started = Instant::now();
     let method = request.method().clone();
     let route = request

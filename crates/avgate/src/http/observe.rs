@@ -28,6 +28,47 @@ use crate::scan::pipeline::{PipelineError, ScanResult};
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+impl RequestId {
+    /// A new id: 32 hex digits, unique within the process and, by a random
+    /// per-process half, across restarts and gateways. The other half is a
+    /// counter passed through a keyed bijection, so ids do not tell clients
+    /// how many requests were served, and making one costs no system call
+    /// (a random UUID per request was one `getrandom` each).
+    pub fn next() -> RequestId {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::OnceLock;
+        static SEED: OnceLock<(u64, u64)> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let (prefix, key) = *SEED.get_or_init(|| {
+            let mut bytes = [0u8; 16];
+            // Without the OS generator, the clock and pid still make the
+            // prefix differ between processes; ids stay unique within one.
+            if getrandom::fill(&mut bytes).is_err() {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                bytes[..8].copy_from_slice(&now.to_le_bytes());
+                bytes[8..].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+            }
+            let (a, b) = bytes.split_at(8);
+            (
+                u64::from_le_bytes(a.try_into().expect("8 bytes")),
+                u64::from_le_bytes(b.try_into().expect("8 bytes")),
+            )
+        });
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        RequestId(format!("{prefix:016x}{:016x}", permute(n ^ key)))
+    }
+}
+
+/// splitmix64's finaliser: a bijection on u64 (so distinct inputs give
+/// distinct outputs) that spreads every input bit over the output.
+fn permute(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// Who asked for the scans of one request.
 pub struct ScanContext {
     metrics: Arc<Metrics>,
@@ -108,5 +149,25 @@ impl ScanContext {
             duration_ms = r.duration_ms,
             "scanned"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_unique_hex_and_do_not_count_visibly() {
+        let ids: Vec<String> = (0..10_000).map(|_| RequestId::next().0).collect();
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+        for id in &ids {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        }
+        // Same process: same first half; the second half is not a counter.
+        assert!(ids.iter().all(|id| id[..16] == ids[0][..16]));
+        let tail = |i: usize| u64::from_str_radix(&ids[i][16..], 16).unwrap();
+        assert!((1..100).any(|i| tail(i).abs_diff(tail(i - 1)) > 1 << 32));
     }
 }
