@@ -229,6 +229,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let limits = ServerLimits {
             max_connections: 16,
             header_timeout: config.header_timeout.0,
+            idle_timeout: config.idle_timeout.0,
             shutdown_timeout: config.shutdown_timeout.0,
         };
         let stop = stop.clone();
@@ -251,6 +252,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let limits = ServerLimits {
             max_connections: config.max_connections,
             header_timeout: config.header_timeout.0,
+            idle_timeout: config.idle_timeout.0,
             shutdown_timeout: config.shutdown_timeout.0,
         };
         if let (Some(http_listener), Some(tls)) = (http_listener, &tls) {

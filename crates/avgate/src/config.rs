@@ -43,8 +43,12 @@ pub struct Config {
     /// backend if its clamd dies mid-stream. Larger uploads are answered
     /// 503 in that case instead.
     pub replay_buffer: ByteSize,
-    /// Time to read a request's headers.
+    /// Time to read a request's headers; also the longest a new connection
+    /// may wait before its first request.
     pub header_timeout: Humantime,
+    /// Longest a client connection stays open with no request in progress
+    /// (HTTP/1 keep-alive and HTTP/2 alike).
+    pub idle_timeout: Humantime,
     /// How long SIGTERM waits for in-flight scans.
     pub shutdown_timeout: Humantime,
     /// Longest a whole request (upload and scan) may take; then 408.
@@ -403,6 +407,7 @@ impl Default for Config {
             max_connections: 1024,
             replay_buffer: ByteSize(1024 * 1024),
             header_timeout: Humantime(Duration::from_secs(10)),
+            idle_timeout: Humantime(Duration::from_secs(60)),
             shutdown_timeout: Humantime(Duration::from_secs(30)),
             request_timeout: Humantime(Duration::from_secs(15 * 60)),
             min_upload_rate: ByteSize(16 * 1024),
@@ -558,6 +563,14 @@ impl Config {
         }
         if self.max_size.0 == 0 {
             return Err(invalid("max_size must be above 0".into()));
+        }
+        for (name, value) in [
+            ("header_timeout", self.header_timeout.0),
+            ("idle_timeout", self.idle_timeout.0),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(format!("{name} must be above 0")));
+            }
         }
         for (name, value) in [
             ("max_files_per_request", self.max_files_per_request),

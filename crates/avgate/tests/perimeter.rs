@@ -317,3 +317,70 @@ async fn a_token_has_its_own_rate_and_address_list() {
     assert_eq!(json(r).await.1["error"]["code"], "ip_forbidden");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_but_slow_requests_are_not() {
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.header_timeout = Humantime(Duration::from_secs(1));
+    cfg.idle_timeout = Humantime(Duration::from_secs(2));
+    cfg.min_upload_rate = ByteSize(0);
+    let gw = std::sync::Arc::new(Gateway::start(cfg).await);
+    let addr = gw.addr;
+
+    // HTTP/2: the connection preface and an empty SETTINGS frame, then
+    // nothing. hyper alone would keep this open forever.
+    let h2_idle = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+        read_until_closed(&mut s, Duration::from_secs(10)).await
+    });
+    // HTTP/1.1 keep-alive: one request, answered, then silence.
+    let h1_idle = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        read_until_closed(&mut s, Duration::from_secs(10)).await
+    });
+    // A raw upload that takes 4 s (twice the idle timeout), 4 KiB every
+    // 100 ms: in progress all along, so never idle.
+    let slow_upload = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /v1/scan/raw?filename=slow.bin HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .await
+            .unwrap();
+        let chunk = random_bytes(4096, 7);
+        for _ in 0..40 {
+            s.write_all(b"1000\r\n").await.unwrap();
+            s.write_all(&chunk).await.unwrap();
+            s.write_all(b"\r\n").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        s.write_all(b"0\r\n\r\n").await.unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        String::from_utf8_lossy(&answer[..n]).into_owned()
+    });
+
+    let (sent, closed) = h2_idle.await.unwrap();
+    let closed = closed.expect("an HTTP/2 connection without requests still open after 10 s");
+    assert!(closed < Duration::from_secs(4), "closed after {closed:?}");
+    // The server's SETTINGS, then a GOAWAY frame (type 7).
+    assert!(!sent.is_empty());
+    let (answer, closed) = h1_idle.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let closed = closed.expect("an idle keep-alive connection still open after 10 s");
+    assert!(closed < Duration::from_secs(5), "closed after {closed:?}");
+
+    let answer = slow_upload.await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"status\":\"OK\""), "{answer}");
+    assert!(answer.contains("\"size\":163840"), "{answer}");
+}

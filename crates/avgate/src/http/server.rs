@@ -3,14 +3,23 @@
 //!
 //! We run hyper ourselves rather than `axum::serve` because the latter
 //! exposes none of these limits.
+//!
+//! Deadlines a connection lives under, whatever its protocol:
+//! - its first bytes (the HTTP/2 preface, or enough of an HTTP/1 request
+//!   line for hyper-util to tell) within `header_timeout` ([`PrefaceDeadline`]);
+//! - an HTTP/1 request head within `header_timeout` (hyper);
+//! - its first request within `header_timeout`, then never more than
+//!   `idle_timeout` without a request in progress ([`Activity`]): hyper
+//!   keeps an HTTP/2 connection open forever otherwise, even one that sent
+//!   its preface and nothing else.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderValue};
 use axum::Router;
@@ -18,10 +27,11 @@ use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use super::ClientAddr;
@@ -34,6 +44,8 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub struct ServerLimits {
     pub max_connections: usize,
     pub header_timeout: Duration,
+    /// Longest a connection stays open with no request in progress.
+    pub idle_timeout: Duration,
     pub shutdown_timeout: Duration,
 }
 
@@ -61,7 +73,11 @@ pub async fn serve(
         .max_concurrent_streams(64);
     let builder = Arc::new(builder);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    // Every connection task, from accept to close (TLS handshake included),
+    // so that shutdown can wait for them; and the signal that asks them to
+    // finish their requests and close.
+    let tasks = TaskTracker::new();
+    let closing = CancellationToken::new();
     tokio::pin!(shutdown);
 
     loop {
@@ -92,14 +108,13 @@ pub async fn serve(
             app: app.clone(),
             peer,
             header_timeout: limits.header_timeout,
-            // Taken now, before the handshake: shutdown waits for
-            // connections that are still shaking hands too.
-            watcher: graceful.watcher(),
+            idle_timeout: limits.idle_timeout,
+            closing: closing.clone(),
         };
         let tls = tls.clone();
         // The handshake runs here, in the connection's own task: a slow or
         // silent client never holds up the accept loop.
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             match tls {
                 None => connection.serve(stream, false).await,
                 Some(tls) => match tls.accept(stream).await {
@@ -116,8 +131,10 @@ pub async fn serve(
 
     drop(listener);
     tracing::info!("no longer accepting connections; waiting for in-flight requests");
+    closing.cancel();
+    tasks.close();
     tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = tasks.wait() => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(limits.shutdown_timeout) => {
             tracing::warn!("shutdown deadline reached with requests still in flight");
         }
@@ -130,7 +147,9 @@ struct Connection {
     app: Router,
     peer: SocketAddr,
     header_timeout: Duration,
-    watcher: Watcher,
+    idle_timeout: Duration,
+    /// Cancelled at shutdown: finish the requests in progress, then close.
+    closing: CancellationToken,
 }
 
 impl Connection {
@@ -143,11 +162,16 @@ impl Connection {
             app,
             peer,
             header_timeout,
-            watcher,
+            idle_timeout,
+            closing,
         } = self;
+        let activity = Arc::new(Activity::new());
+        let requests = activity.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ClientAddr(peer));
+            let in_progress = requests.start();
             app.clone().oneshot(request).map(move |response| {
+                drop(in_progress);
                 response.map(|mut response| {
                     if tls {
                         response.headers_mut().insert(
@@ -159,14 +183,107 @@ impl Connection {
                 })
             })
         });
-        let conn = builder
-            .serve_connection_with_upgrades(
-                TokioIo::new(PrefaceDeadline::new(io, header_timeout)),
-                service,
-            )
-            .into_owned();
-        if let Err(e) = watcher.watch(conn).await {
-            tracing::debug!(error = %e, client = %peer, "connection ended with an error");
+        let conn = builder.serve_connection_with_upgrades(
+            TokioIo::new(PrefaceDeadline::new(io, header_timeout)),
+            service,
+        );
+        tokio::pin!(conn);
+        let mut shutting_down = false;
+        // After an idle close began: HTTP/2's graceful close waits for the
+        // client to acknowledge a PING, which a silent client never does.
+        let mut idle_grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        loop {
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, client = %peer, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = closing.cancelled(), if !shutting_down => {}
+                _ = activity.idle(header_timeout, idle_timeout), if !shutting_down => {
+                    tracing::debug!(client = %peer, "closing an idle connection");
+                    idle_grace = Some(Box::pin(tokio::time::sleep(header_timeout)));
+                }
+                _ = async { idle_grace.as_mut().expect("guarded").await }, if idle_grace.is_some() => {
+                    // Nothing was in progress when the close began, and no
+                    // new request is accepted since: nothing is lost.
+                    return;
+                }
+            }
+            if !shutting_down {
+                // HTTP/1: close once the request in progress is answered;
+                // HTTP/2: GOAWAY, then close once the open streams are done.
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+            }
+        }
+    }
+}
+
+/// When a connection last had something to do.
+struct Activity {
+    state: Mutex<ActivityState>,
+}
+
+struct ActivityState {
+    in_progress: usize,
+    /// The last time a request started or ended (or the connection opened).
+    since: Instant,
+    any_request: bool,
+}
+
+/// A request in progress; dropping it ends it.
+struct InProgress(Arc<Activity>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.in_progress -= 1;
+        state.since = Instant::now();
+    }
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            state: Mutex::new(ActivityState {
+                in_progress: 0,
+                since: Instant::now(),
+                any_request: false,
+            }),
+        }
+    }
+
+    fn start(self: &Arc<Self>) -> InProgress {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.in_progress += 1;
+        state.any_request = true;
+        state.since = Instant::now();
+        InProgress(self.clone())
+    }
+
+    /// Resolves once the connection has had no request in progress for
+    /// `idle_timeout` (`first_request` before its first request).
+    async fn idle(&self, first_request: Duration, idle_timeout: Duration) {
+        loop {
+            let (busy, deadline) = {
+                let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let limit = if state.any_request {
+                    idle_timeout
+                } else {
+                    first_request
+                };
+                (state.in_progress > 0, state.since + limit)
+            };
+            if busy {
+                // Requests have deadlines of their own; look again later.
+                tokio::time::sleep(idle_timeout).await;
+            } else if Instant::now() >= deadline {
+                return;
+            } else {
+                tokio::time::sleep_until(deadline.into()).await;
+            }
         }
     }
 }
