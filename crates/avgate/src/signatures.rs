@@ -499,6 +499,7 @@ mod tests {
             database_time: age.map(|a| SystemTime::now() - a),
             dated_by: age.map(|_| clamd::DatabaseDating::Version),
             draining: false,
+            fd_passing: true,
         }
     }
 

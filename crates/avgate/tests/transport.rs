@@ -201,8 +201,11 @@ async fn a_clamd_that_refuses_descriptors_still_scans_every_file() {
         "{body}"
     );
 
-    // Tried once, then never again for this backend.
+    // Tried once, then never again for this backend, which says so.
     assert_eq!(seen.fildes.load(Ordering::SeqCst), 1);
+    let r = gw.client.get(gw.url("/readyz")).send().await.unwrap();
+    let (_, ready) = json(r).await;
+    assert_eq!(ready["backends"][0]["fd_passing"], false, "{ready}");
     assert_eq!(logged(&log, &format!("{BY_STREAM}OK"), 2).await, 2);
     assert_eq!(logged(&log, BY_FD, 0).await, 0);
     gw.stop().await;

@@ -63,6 +63,9 @@ pub struct Backend {
     /// Sessions (IDSESSION connections) waiting for their next scan, the
     /// most recently used last. At most `max_concurrent`.
     idle: Mutex<Vec<Session>>,
+    /// Worth passing file descriptors to (FILDES): a Unix socket whose
+    /// clamd has not refused one.
+    fd_passing: AtomicBool,
 }
 
 /// Sessions idle longer than this are closed rather than reused: clamd
@@ -121,6 +124,8 @@ pub struct BackendStatus {
     pub dated_by: Option<DatabaseDating>,
     /// Out of rotation for a signature reload.
     pub draining: bool,
+    /// Small files go to it as file descriptors (see [`Backend::fd_passing`]).
+    pub fd_passing: bool,
 }
 
 impl BackendStatus {
@@ -134,6 +139,7 @@ impl BackendStatus {
 impl Backend {
     fn new(config: BackendConfig) -> Backend {
         let max = config.max_concurrent.max(1);
+        let unix = matches!(config.address, Address::Unix(_));
         Backend {
             address: config.address,
             max_concurrent: max,
@@ -144,6 +150,7 @@ impl Backend {
             failures: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
+            fd_passing: AtomicBool::new(unix),
             state: Mutex::new(BackendState {
                 health: Health::Unknown,
                 version: None,
@@ -200,7 +207,20 @@ impl Backend {
             database_time: state.database_time,
             dated_by: state.dated_by,
             draining: self.is_draining(),
+            fd_passing: self.fd_passing(),
         }
+    }
+
+    /// Whether files may be passed to this backend as descriptors: on a
+    /// Unix socket, until its clamd refuses one.
+    pub fn fd_passing(&self) -> bool {
+        self.fd_passing.load(Ordering::Relaxed)
+    }
+
+    /// Stops passing descriptors to this backend (its clamd refused one,
+    /// or this host cannot make in-memory files). True the first time.
+    pub fn stop_fd_passing(&self) -> bool {
+        self.fd_passing.swap(false, Ordering::Relaxed)
     }
 
     fn set_health(&self, health: Health) {

@@ -51,6 +51,8 @@ pub struct BackendView {
     stale: bool,
     /// Out of rotation for a signature reload.
     draining: bool,
+    /// Small files go to it as file descriptors (FILDES).
+    fd_passing: bool,
 }
 
 pub fn backend_views(state: &AppState) -> Vec<BackendView> {
@@ -85,6 +87,7 @@ pub fn backend_views(state: &AppState) -> Vec<BackendView> {
                 database_dated_by: s.dated_by.map(|d| d.as_str()),
                 stale,
                 draining: s.draining,
+                fd_passing: s.fd_passing,
             }
         })
         .collect()

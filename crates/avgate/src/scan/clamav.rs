@@ -12,7 +12,6 @@
 //! refused descriptor (an old or confined clamd) falls back to INSTREAM
 //! and stops descriptors for that backend.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,18 +50,10 @@ struct Settings {
     replay_limit: usize,
     small_file_max: usize,
     stream_max: Vec<Option<u64>>,
-    /// Per backend: still worth trying FILDES on (a Unix socket that has
-    /// not refused a descriptor).
-    fd_passing: Vec<AtomicBool>,
 }
 
 impl ClamavEngine {
     pub fn new(pool: Arc<Pool>, settings: EngineSettings) -> ClamavEngine {
-        let fd_passing = pool
-            .backends()
-            .iter()
-            .map(|b| AtomicBool::new(matches!(b.address, clamd::Address::Unix(_))))
-            .collect();
         ClamavEngine {
             inner: Arc::new(Settings {
                 pool,
@@ -70,7 +61,6 @@ impl ClamavEngine {
                 replay_limit: settings.replay_limit,
                 small_file_max: settings.small_file_max.min(settings.replay_limit),
                 stream_max: settings.stream_max,
-                fd_passing,
             }),
         }
     }
@@ -257,7 +247,7 @@ impl ClamavScan {
             return Ok(None);
         };
         let mut fd_refused = None;
-        let file = if self.settings.fd_passing[lease.index()].load(Ordering::Relaxed) {
+        let file = if lease.backend().fd_passing() {
             match memory_file(held) {
                 Ok(file) => Some(file),
                 Err(e) => {
@@ -344,7 +334,7 @@ impl ClamavScan {
         let Some(lease) = &self.lease else {
             return;
         };
-        if self.settings.fd_passing[lease.index()].swap(false, Ordering::Relaxed) {
+        if lease.backend().stop_fd_passing() {
             tracing::warn!(
                 backend = %lease.backend().address,
                 reason = why,
