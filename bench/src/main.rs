@@ -9,7 +9,7 @@
 //! avgate-bench idle    [--max-busy-percent 10] [--timeout-secs 60]
 //! avgate-bench wait    (--clamd ADDR | --url URL) [--pid PID] [--timeout-secs 60]
 //! avgate-bench small   --url URL --clamd ADDR [--secs 4] [--rounds 2]
-//!                      [--kinds clean-1k,eicar] [--concurrency 8,32] [--targets raw,raw-fildes,avgate]
+//!                      [--kinds clean-1k,eicar] [--concurrency 8,32] [--targets raw,avgate,raw-fildes]
 //! avgate-bench large   --url URL --clamd ADDR [--mib 100] [--reps 3]
 //! avgate-bench memory  --url URL --clamd ADDR --pid AVGATE_PID [--mib 150] [--uploads 8]
 //! avgate-bench report  --results FILE
@@ -419,7 +419,9 @@ async fn small(args: &Args) -> anyhow::Result<()> {
         .map(|c| c.parse().with_context(|| format!("--concurrency {c}")))
         .collect::<anyhow::Result<_>>()?;
     let targets: Vec<Target> = args
-        .list("targets", "raw,raw-fildes,avgate")
+        // avgate in the middle: each of its runs is next to one of each raw
+        // client, so that both pairs share the same moment of the machine.
+        .list("targets", "raw,avgate,raw-fildes")
         .iter()
         .map(|t| Target::parse(t).context("--targets"))
         .collect::<anyhow::Result<_>>()?;
