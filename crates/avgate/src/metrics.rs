@@ -73,6 +73,7 @@ struct Scraped {
     backend_up: IntGaugeVec,
     backend_in_flight: IntGaugeVec,
     backend_max_concurrent: IntGaugeVec,
+    backend_fd_passing: IntGaugeVec,
     backend_failures: IntCounterVec,
     backend_info: IntGaugeVec,
     backend_database_version: IntGaugeVec,
@@ -126,6 +127,11 @@ impl Metrics {
             backend_max_concurrent: r.gauge_vec(
                 "avgate_backend_max_concurrent",
                 "Scans at once avgate allows on the backend.",
+                &["backend"],
+            ),
+            backend_fd_passing: r.gauge_vec(
+                "avgate_backend_fd_passing",
+                "1 when small files go to the backend as file descriptors (a Unix socket whose clamd has not refused one).",
                 &["backend"],
             ),
             backend_failures: r.counter_vec(
@@ -282,6 +288,9 @@ impl Metrics {
             s.backend_max_concurrent
                 .with_label_values(&label)
                 .set(status.max_concurrent as i64);
+            s.backend_fd_passing
+                .with_label_values(&label)
+                .set(i64::from(status.fd_passing));
             catch_up(
                 &s.backend_failures.with_label_values(&label),
                 status.failures,

@@ -241,6 +241,8 @@ async fn metrics_count_known_scans_by_label_and_pass_promtool() {
         &[("backend", &backend)],
         8.0,
     );
+    // A real clamd on a Unix socket takes descriptors.
+    expect("avgate_backend_fd_passing", &[("backend", &backend)], 1.0);
     expect(
         "avgate_backend_scan_duration_seconds_count",
         &[("backend", &backend)],
