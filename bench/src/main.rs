@@ -522,10 +522,9 @@ async fn small(args: &Args) -> anyhow::Result<()> {
             );
             let mut fildes = results.remove(&(k, c, "raw-fildes"));
             if let Some(fildes) = &mut fildes {
-                // Not the target's baseline (that is zINSTREAM), but the
-                // best a raw client can do on a Unix socket, and what
-                // avgate does for such files: the honest measure of
-                // avgate's own overhead.
+                // Not the target's baseline (that is zINSTREAM), but what
+                // avgate itself does for such files on a Unix socket: the
+                // honest measure of avgate's own overhead.
                 let ratio = paired_ratio(
                     round_rates.get(&(k, c, "raw-fildes")),
                     round_rates.get(&(k, c, "avgate")),

@@ -2,7 +2,8 @@
 //! field `file`) and raw clients talking straight to the same clamd socket
 //! with the workspace's `clamd` crate: zINSTREAM (the baseline of the
 //! targets) and FILDES with an in-memory file (what avgate itself does for
-//! small files on a Unix socket, so the best a raw client can do).
+//! small files on a Unix socket, so the comparison that shows avgate's own
+//! overhead).
 //!
 //! Small-file loads use a [`Worker`] per concurrent client: for avgate one
 //! keep-alive HTTP/1.1 connection driven by hyper with the multipart body
