@@ -558,6 +558,90 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
     }
 
+    /// A clamd stand-in for one session: reads commands and streams, and
+    /// answers each with the next of `replies`; returns what it was sent.
+    async fn fake_session(
+        replies: &'static [&'static [u8]],
+    ) -> (Address, tokio::task::JoinHandle<Vec<u8>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut seen = Vec::new();
+            // Reads up to a NUL (a command), or None at EOF.
+            async fn command(s: &mut tokio::net::TcpStream, seen: &mut Vec<u8>) -> Option<()> {
+                loop {
+                    let b = s.read_u8().await.ok()?;
+                    seen.push(b);
+                    if b == 0 {
+                        return Some(());
+                    }
+                }
+            }
+            command(&mut s, &mut seen).await; // zIDSESSION
+            for reply in replies {
+                if command(&mut s, &mut seen).await.is_none() {
+                    break;
+                }
+                loop {
+                    let len = s.read_u32().await.unwrap();
+                    seen.extend_from_slice(&len.to_be_bytes());
+                    if len == 0 {
+                        break;
+                    }
+                    let mut chunk = vec![0u8; len as usize];
+                    s.read_exact(&mut chunk).await.unwrap();
+                    seen.extend_from_slice(&chunk);
+                }
+                s.write_all(reply).await.unwrap();
+            }
+            seen
+        });
+        (Address::Tcp(addr.to_string()), seen)
+    }
+
+    #[tokio::test]
+    async fn a_session_numbers_its_replies_and_checks_them() {
+        let (addr, seen) = fake_session(&[b"1: stream: OK\0", b"2: stream: Eicar FOUND\0"]).await;
+        let conn = Connection::connect(&addr, Timeouts::default())
+            .await
+            .unwrap();
+        let mut session = conn.session().await.unwrap();
+        let chunk = [bytes::Bytes::from_static(b"hello")];
+        assert_eq!(session.scan_chunks(&chunk).await.unwrap(), ScanReply::Clean);
+        assert_eq!(
+            session.scan_chunks(&chunk).await.unwrap(),
+            ScanReply::Found("Eicar".into())
+        );
+        // The session was opened once; each file went as one INSTREAM.
+        let mut one_scan = b"zINSTREAM\0\0\0\0\x05hello\0\0\0\0".to_vec();
+        let mut expected = b"zIDSESSION\0".to_vec();
+        expected.append(&mut one_scan.clone());
+        expected.append(&mut one_scan);
+        assert_eq!(seen.await.unwrap(), expected);
+
+        // A reply numbered for another command is an error, not a verdict.
+        let (addr, _) = fake_session(&[b"2: stream: OK\0"]).await;
+        let conn = Connection::connect(&addr, Timeouts::default())
+            .await
+            .unwrap();
+        let mut session = conn.session().await.unwrap();
+        let err = session.scan_chunks(&chunk).await.unwrap_err();
+        assert!(matches!(err, Error::Protocol(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn descriptors_need_a_unix_socket() {
+        let addr = fake_clamd(b"stream: OK\0").await;
+        let conn = Connection::connect(&addr, Timeouts::default())
+            .await
+            .unwrap();
+        let file = tempfile::tempfile().unwrap();
+        use std::os::fd::AsFd;
+        let err = conn.scan_fd(file.as_fd()).await.unwrap_err();
+        assert!(matches!(err, Error::FdNeedsUnixSocket), "{err:?}");
+    }
+
     #[tokio::test]
     async fn connection_refused_is_a_connect_error() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
