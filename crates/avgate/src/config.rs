@@ -561,29 +561,21 @@ impl Config {
         for backend in &self.clamd.backends {
             backend.parse::<clamd::Address>().map_err(invalid)?;
         }
-        if self.max_size.0 == 0 {
-            return Err(invalid("max_size must be above 0".into()));
-        }
-        for (name, value) in [
-            ("header_timeout", self.header_timeout.0),
-            ("idle_timeout", self.idle_timeout.0),
-        ] {
-            if value.is_zero() {
-                return Err(invalid(format!("{name} must be above 0")));
-            }
-        }
-        for (name, value) in [
-            ("max_files_per_request", self.max_files_per_request),
-            ("max_parts", self.max_parts),
-            ("max_concurrent_scans", self.max_concurrent_scans),
-            ("max_connections", self.max_connections),
+        for (name, zero) in [
+            ("max_size", self.max_size.0 == 0),
+            ("header_timeout", self.header_timeout.0.is_zero()),
+            ("idle_timeout", self.idle_timeout.0.is_zero()),
+            ("max_files_per_request", self.max_files_per_request == 0),
+            ("max_parts", self.max_parts == 0),
+            ("max_concurrent_scans", self.max_concurrent_scans == 0),
+            ("max_connections", self.max_connections == 0),
             (
                 "clamd.max_concurrent_per_backend",
-                self.clamd.max_concurrent_per_backend,
+                self.clamd.max_concurrent_per_backend == 0,
             ),
-            ("managed.max_threads", self.managed.max_threads),
+            ("managed.max_threads", self.managed.max_threads == 0),
         ] {
-            if value == 0 {
+            if zero {
                 return Err(invalid(format!("{name} must be above 0")));
             }
         }

@@ -109,7 +109,7 @@ async fn request_context(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let id = observe::RequestId::next().0;
+    let id = observe::RequestId::next();
     let started = Instant::now();
     let method = request.method().clone();
     let route = request
@@ -124,13 +124,11 @@ async fn request_context(
     if let Some(ip) = client {
         request.extensions_mut().insert(ClientIp(ip));
     }
-    request
-        .extensions_mut()
-        .insert(observe::RequestId(id.clone()));
+    request.extensions_mut().insert(id.clone());
     let client = client.map(|ip| ip.to_string()).unwrap_or_default();
-    let span = tracing::info_span!("request", request_id = %id, client = %client);
+    let span = tracing::info_span!("request", request_id = %id.0, client = %client);
     let mut response = next.run(request).instrument(span.clone()).await;
-    if let Ok(value) = HeaderValue::from_str(&id) {
+    if let Ok(value) = HeaderValue::from_str(&id.0) {
         response.headers_mut().insert("x-request-id", value);
     }
     let status = response.status().as_u16();
