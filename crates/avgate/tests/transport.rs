@@ -47,12 +47,8 @@ async fn small_files_go_as_descriptors_and_large_ones_as_streams() {
     let (clamd, _logs, log) = logging_clamd();
     let gw = Gateway::start(config(&[clamd.address()])).await;
 
-    let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (200, Some("FOUND")),
-        "{body}"
-    );
+    gw.scan_expecting("eicar.com", EICAR.to_vec(), "FOUND")
+        .await;
     let line = format!("{BY_FD}Eicar-Test-Signature.UNOFFICIAL FOUND");
     assert_eq!(
         logged(&log, &line, 1).await,
@@ -62,42 +58,25 @@ async fn small_files_go_as_descriptors_and_large_ones_as_streams() {
 
     // Up to 1 MiB (the default) by descriptor; the pipeline hands the
     // engine 64 KiB pieces, all held until the end.
-    let (status, body) = gw.scan("small.bin", random_bytes(1 << 20, 1)).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (200, Some("OK")),
-        "{body}"
-    );
+    let body = gw
+        .scan_expecting("small.bin", random_bytes(1 << 20, 1), "OK")
+        .await;
     assert_eq!(body["size"], 1 << 20);
     assert_eq!(logged(&log, &format!("{BY_FD}OK"), 1).await, 1);
 
     // One byte more: streamed.
-    let (status, body) = gw.scan("large.bin", random_bytes((1 << 20) + 1, 2)).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (200, Some("OK")),
-        "{body}"
-    );
+    gw.scan_expecting("large.bin", random_bytes((1 << 20) + 1, 2), "OK")
+        .await;
     assert_eq!(logged(&log, &format!("{BY_STREAM}OK"), 1).await, 1);
 
     // Streamed after being held: the held bytes are sent first, so a
     // signature at the very start is still found.
     let mut large = EICAR.to_vec();
     large.extend_from_slice(&random_bytes(3 << 20, 3));
-    let (status, body) = gw.scan("large-eicar.bin", large).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (200, Some("FOUND")),
-        "{body}"
-    );
+    gw.scan_expecting("large-eicar.bin", large, "FOUND").await;
 
     // An empty file is streamed: there is nothing to hand over.
-    let (status, body) = gw.scan("empty", Vec::new()).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (200, Some("OK")),
-        "{body}"
-    );
+    let body = gw.scan_expecting("empty", Vec::new(), "OK").await;
     assert_eq!(body["size"], 0);
     assert_eq!(logged(&log, &format!("{BY_STREAM}OK"), 2).await, 2);
     assert_eq!(logged(&log, BY_FD, 0).await, 2, "only the two small files");
@@ -111,12 +90,8 @@ async fn descriptor_passing_can_be_turned_off() {
     c.clamd.small_file_max_size = ByteSize(0);
     let gw = Gateway::start(c).await;
 
-    let (status, body) = gw.scan("clean.txt", b"clean".to_vec()).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (200, Some("OK")),
-        "{body}"
-    );
+    gw.scan_expecting("clean.txt", b"clean".to_vec(), "OK")
+        .await;
     assert_eq!(logged(&log, &format!("{BY_STREAM}OK"), 1).await, 1);
     assert_eq!(logged(&log, BY_FD, 0).await, 0);
     gw.stop().await;
@@ -182,24 +157,12 @@ async fn a_clamd_that_refuses_descriptors_still_scans_every_file() {
 
     // The first small file tries FILDES, clamd answers "No file descriptor
     // received. ERROR", and the file is streamed instead: same verdict.
-    let (status, body) = gw.scan("clean.txt", b"clean".to_vec()).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (200, Some("OK")),
-        "{body}"
-    );
-    let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (200, Some("FOUND")),
-        "{body}"
-    );
-    let (status, body) = gw.scan("clean2.txt", b"clean too".to_vec()).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (200, Some("OK")),
-        "{body}"
-    );
+    gw.scan_expecting("clean.txt", b"clean".to_vec(), "OK")
+        .await;
+    gw.scan_expecting("eicar.com", EICAR.to_vec(), "FOUND")
+        .await;
+    gw.scan_expecting("clean2.txt", b"clean too".to_vec(), "OK")
+        .await;
 
     // Tried once, then never again for this backend, which says so.
     assert_eq!(seen.fildes.load(Ordering::SeqCst), 1);
@@ -220,21 +183,11 @@ async fn small_files_reuse_one_clamd_session() {
     // The relay drops descriptors, so after the first file (which falls
     // back to a stream) small files go as INSTREAM inside a session.
     for i in 0..6 {
-        let (status, body) = gw
-            .scan("clean.txt", format!("clean {i}").into_bytes())
+        gw.scan_expecting("clean.txt", format!("clean {i}").into_bytes(), "OK")
             .await;
-        assert_eq!(
-            (status, body["status"].as_str()),
-            (200, Some("OK")),
-            "{body}"
-        );
     }
-    let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (200, Some("FOUND")),
-        "{body}"
-    );
+    gw.scan_expecting("eicar.com", EICAR.to_vec(), "FOUND")
+        .await;
     // One session for the refused descriptor, one for the five files and
     // EICAR that followed, one after the other.
     assert_eq!(seen.sessions.load(Ordering::SeqCst), 2);
@@ -248,27 +201,14 @@ async fn a_session_clamd_closed_while_idle_is_replaced_not_an_error() {
     // 1 s; 120 s by default), and avgate reuses sessions idle up to 10 s.
     let clamd = Clamd::start("ReadTimeout 1");
     let gw = Gateway::start(config(&[clamd.address()])).await;
-    let (status, body) = gw.scan("clean.txt", b"clean".to_vec()).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (200, Some("OK")),
-        "{body}"
-    );
+    gw.scan_expecting("clean.txt", b"clean".to_vec(), "OK")
+        .await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     for name in ["after-idle.txt", "again.txt"] {
-        let (status, body) = gw.scan(name, b"clean".to_vec()).await;
-        assert_eq!(
-            (status, body["status"].as_str()),
-            (200, Some("OK")),
-            "{body}"
-        );
+        gw.scan_expecting(name, b"clean".to_vec(), "OK").await;
     }
-    let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
-    assert_eq!(
-        (status, body["status"].as_str()),
-        (200, Some("FOUND")),
-        "{body}"
-    );
+    gw.scan_expecting("eicar.com", EICAR.to_vec(), "FOUND")
+        .await;
     // The backend was never taken for down.
     let r = gw.client.get(gw.url("/readyz")).send().await.unwrap();
     let (status, ready) = json(r).await;

@@ -253,6 +253,23 @@ impl Gateway {
         post_file(&self.client, &self.url("/v1/scan"), filename, data).await
     }
 
+    /// Scans one file like [`Gateway::scan`] and asserts a 200 answer with
+    /// `status` (`OK`, `FOUND`); returns the answer.
+    pub async fn scan_expecting(
+        &self,
+        filename: &str,
+        data: Vec<u8>,
+        status: &str,
+    ) -> serde_json::Value {
+        let (code, body) = self.scan(filename, data).await;
+        assert_eq!(
+            (code, body["status"].as_str()),
+            (200, Some(status)),
+            "{filename}: {body}"
+        );
+        body
+    }
+
     /// POSTs a hand-made body with the given content type.
     pub async fn post_raw(
         &self,
