@@ -305,9 +305,7 @@ impl Connection {
     /// Scans a buffer held in memory (probes, small payloads).
     pub async fn scan_bytes(self, data: &[u8]) -> Result<ScanReply, Error> {
         let mut stream = self.instream().await?;
-        for chunk in data.chunks(proto::MAX_CHUNK) {
-            stream.send(chunk).await?;
-        }
+        stream.send(data).await?;
         stream.finish().await
     }
 
@@ -381,13 +379,9 @@ impl Session {
                 + proto::END_OF_STREAM.len(),
         );
         message.extend_from_slice(Command::Instream.encode());
-        for chunk in chunks {
-            for piece in chunk.chunks(proto::MAX_CHUNK) {
-                if let Some(header) = proto::chunk_header(piece.len()) {
-                    message.extend_from_slice(&header);
-                    message.extend_from_slice(piece);
-                }
-            }
+        for (header, piece) in chunks.iter().flat_map(|chunk| proto::chunks(chunk)) {
+            message.extend_from_slice(&header);
+            message.extend_from_slice(piece);
         }
         message.extend_from_slice(&proto::END_OF_STREAM);
         self.conn.write_all(&message).await?;
@@ -428,10 +422,7 @@ impl Instream {
     /// while its reply is still readable), so we try to read that reply and
     /// return it as [`Error::EarlyReply`].
     pub async fn send(&mut self, data: &[u8]) -> Result<(), Error> {
-        for chunk in data.chunks(proto::MAX_CHUNK) {
-            let Some(header) = proto::chunk_header(chunk.len()) else {
-                continue; // empty input: nothing to send
-            };
+        for (header, chunk) in proto::chunks(data) {
             let write = async {
                 self.conn.socket.write_all(&header).await?;
                 self.conn.socket.write_all(chunk).await

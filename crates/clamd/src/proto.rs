@@ -68,6 +68,13 @@ pub fn chunk_header(len: usize) -> Option<[u8; 4]> {
     }
 }
 
+/// `data` as INSTREAM chunks: pieces of at most [`MAX_CHUNK`] bytes, each
+/// with its length header (nothing for empty data).
+pub fn chunks(data: &[u8]) -> impl Iterator<Item = ([u8; 4], &[u8])> {
+    data.chunks(MAX_CHUNK)
+        .filter_map(|piece| chunk_header(piece.len()).map(|header| (header, piece)))
+}
+
 /// Where a reply ends in a receive buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
@@ -404,6 +411,19 @@ mod tests {
         assert_eq!(chunk_header(u32::MAX as usize), Some([255; 4]));
         #[cfg(target_pointer_width = "64")]
         assert_eq!(chunk_header(u32::MAX as usize + 1), None);
+    }
+
+    #[test]
+    fn data_is_cut_into_headed_chunks_of_at_most_max_chunk() {
+        assert_eq!(chunks(b"").count(), 0);
+        let small: Vec<_> = chunks(b"abc").collect();
+        assert_eq!(small, vec![([0, 0, 0, 3], &b"abc"[..])]);
+        let big = vec![7u8; MAX_CHUNK + 5];
+        let pieces: Vec<_> = chunks(&big).collect();
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(pieces[0].0, chunk_header(MAX_CHUNK).unwrap());
+        assert_eq!(pieces[0].1.len(), MAX_CHUNK);
+        assert_eq!(pieces[1], ([0, 0, 0, 5], &big[MAX_CHUNK..]));
     }
 
     #[test]
