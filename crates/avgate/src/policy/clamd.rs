@@ -161,20 +161,6 @@ mod tests {
         }
     }
 
-    fn record(id: &str, kind: Kind, value: &str) -> PolicyRecord {
-        PolicyRecord {
-            id: id.into(),
-            kind,
-            value: value.into(),
-            reason: "r".into(),
-            author: "a".into(),
-            created_at: 0,
-            expires_at: None,
-            removed_at: None,
-            removed_by: None,
-        }
-    }
-
     #[test]
     fn files_follow_the_entries_in_force() {
         let eicar = eicar_sha256();
@@ -184,11 +170,11 @@ mod tests {
         );
         let sha = "ab".repeat(32);
         let records = vec![
-            record("pol_b", Kind::Ignore, "Win.Test.B"),
-            record("pol_a", Kind::Ignore, "Win.Test.A"),
-            record("pol_c", Kind::Allow, &sha),
-            record("pol_e", Kind::Allow, &eicar),
-            record("pol_d", Kind::Block, &"cd".repeat(32)),
+            PolicyRecord::for_test("pol_b", Kind::Ignore, "Win.Test.B", None),
+            PolicyRecord::for_test("pol_a", Kind::Ignore, "Win.Test.A", None),
+            PolicyRecord::for_test("pol_c", Kind::Allow, &sha, None),
+            PolicyRecord::for_test("pol_e", Kind::Allow, &eicar, None),
+            PolicyRecord::for_test("pol_d", Kind::Block, &"cd".repeat(32), None),
         ];
         let s = Snapshot::build(&records, 1, 10, ClamdMode::Managed, false);
         let files = Files::render(&s, 10);

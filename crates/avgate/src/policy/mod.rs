@@ -121,6 +121,22 @@ pub struct PolicyRecord {
 }
 
 impl PolicyRecord {
+    /// An entry for unit tests: reason `r`, author `a`, created at 0.
+    #[cfg(test)]
+    pub(crate) fn for_test(id: &str, kind: Kind, value: &str, expires_at: Option<i64>) -> Self {
+        PolicyRecord {
+            id: id.into(),
+            kind,
+            value: value.into(),
+            reason: "r".into(),
+            author: "a".into(),
+            created_at: 0,
+            expires_at,
+            removed_at: None,
+            removed_by: None,
+        }
+    }
+
     pub fn is_active(&self, now: i64) -> bool {
         self.removed_at.is_none() && self.expires_at.is_none_or(|t| t > now)
     }
@@ -449,20 +465,6 @@ mod tests {
         }
     }
 
-    fn record(id: &str, kind: Kind, value: &str, expires_at: Option<i64>) -> PolicyRecord {
-        PolicyRecord {
-            id: id.into(),
-            kind,
-            value: value.into(),
-            reason: "r".into(),
-            author: "a".into(),
-            created_at: 0,
-            expires_at,
-            removed_at: None,
-            removed_by: None,
-        }
-    }
-
     #[test]
     fn values_are_normalized_and_checked() {
         let spec = options("ignore", " Win.Test.Foo-1.UNOFFICIAL ")
@@ -512,13 +514,13 @@ mod tests {
 
     #[test]
     fn a_snapshot_holds_the_live_entries_and_checks_expiry_again() {
-        let mut removed = record("pol_3", Kind::Ignore, "Gone", None);
+        let mut removed = PolicyRecord::for_test("pol_3", Kind::Ignore, "Gone", None);
         removed.removed_at = Some(5);
         let records = vec![
-            record("pol_1", Kind::Ignore, "Win.Test.Foo", Some(200)),
-            record("pol_2", Kind::Block, &"b".repeat(64), None),
+            PolicyRecord::for_test("pol_1", Kind::Ignore, "Win.Test.Foo", Some(200)),
+            PolicyRecord::for_test("pol_2", Kind::Block, &"b".repeat(64), None),
             removed,
-            record("pol_4", Kind::Allow, &"a".repeat(64), Some(50)),
+            PolicyRecord::for_test("pol_4", Kind::Allow, &"a".repeat(64), Some(50)),
         ];
         let s = Snapshot::build(&records, 7, 100, ClamdMode::Managed, false);
         assert_eq!(s.ids(), ["pol_1", "pol_2"]);
