@@ -50,6 +50,7 @@ struct Settings {
     replay_limit: usize,
     small_file_max: usize,
     stream_max: Vec<Option<u64>>,
+    memory_files: MemoryFiles,
 }
 
 impl ClamavEngine {
@@ -61,6 +62,7 @@ impl ClamavEngine {
                 replay_limit: settings.replay_limit,
                 small_file_max: settings.small_file_max.min(settings.replay_limit),
                 stream_max: settings.stream_max,
+                memory_files: MemoryFiles::default(),
             }),
         }
     }
@@ -248,7 +250,7 @@ impl ClamavScan {
         };
         let mut fd_refused = None;
         let file = if lease.backend().fd_passing() {
-            match memory_file(held) {
+            match self.settings.memory_files.take(held) {
                 Ok(file) => Some(file),
                 Err(e) => {
                     // No memfd here (an old kernel, a seccomp filter).
@@ -280,6 +282,10 @@ impl ClamavScan {
             match result {
                 Ok(reply @ (ScanReply::Clean | ScanReply::Found(_))) => {
                     lease.keep_session(session);
+                    if let Some(file) = file {
+                        // clamd has answered: it reads the file no more.
+                        self.settings.memory_files.give_back(file);
+                    }
                     break Held::Reply(reply);
                 }
                 Ok(ScanReply::Error(reason)) if file.is_some() => {
@@ -387,20 +393,57 @@ impl ClamavScan {
     }
 }
 
-/// The held bytes as an anonymous in-memory file, for FILDES.
-#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
-fn memory_file(chunks: &[Bytes]) -> std::io::Result<std::fs::File> {
-    use rustix::fs::{memfd_create, MemfdFlags};
-    use std::io::Write;
-    let mut file = std::fs::File::from(memfd_create("avgate-scan", MemfdFlags::CLOEXEC)?);
-    for chunk in chunks {
-        file.write_all(chunk)?;
+/// In-memory files (memfd) for FILDES, kept for the next small file once
+/// clamd has answered: creating one and closing it again (which frees its
+/// pages) cost a small scan more than writing the next file over it.
+#[derive(Default)]
+struct MemoryFiles {
+    idle: std::sync::Mutex<Vec<std::fs::File>>,
+}
+
+/// Files kept at most; more are closed. About the scans in flight at once.
+const MEMORY_FILES_KEPT: usize = 64;
+
+impl MemoryFiles {
+    /// The held bytes as an in-memory file, a kept one when there is one.
+    /// Its size is set to theirs, so nothing of an earlier file remains.
+    fn take(&self, chunks: &[Bytes]) -> std::io::Result<std::fs::File> {
+        use std::os::unix::fs::FileExt;
+        let kept = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let file = match kept {
+            Some(file) => file,
+            None => memory_file()?,
+        };
+        let mut offset = 0u64;
+        for chunk in chunks {
+            file.write_all_at(chunk, offset)?;
+            offset += chunk.len() as u64;
+        }
+        file.set_len(offset)?;
+        Ok(file)
     }
-    Ok(file)
+
+    /// Keeps a file whose scan is over (one that failed is dropped).
+    fn give_back(&self, file: std::fs::File) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MEMORY_FILES_KEPT {
+            idle.push(file);
+        }
+    }
+}
+
+/// A new anonymous in-memory file.
+#[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
+fn memory_file() -> std::io::Result<std::fs::File> {
+    use rustix::fs::{memfd_create, MemfdFlags};
+    Ok(std::fs::File::from(memfd_create(
+        "avgate-scan",
+        MemfdFlags::CLOEXEC,
+    )?))
 }
 
 #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-fn memory_file(_: &[Bytes]) -> std::io::Result<std::fs::File> {
+fn memory_file() -> std::io::Result<std::fs::File> {
     Err(std::io::Error::other("no memfd on this system"))
 }
 
@@ -508,5 +551,50 @@ fn engine_error(e: clamd::Error) -> EngineError {
         EngineError::Timeout(e.to_string())
     } else {
         EngineError::Failed(e.to_string())
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek};
+
+    fn contents(file: &std::fs::File) -> Vec<u8> {
+        let mut file = file.try_clone().unwrap();
+        file.rewind().unwrap();
+        let mut out = Vec::new();
+        file.read_to_end(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_kept_memory_file_holds_only_the_next_file() {
+        let files = MemoryFiles::default();
+        let big = files
+            .take(&[Bytes::from(vec![b'x'; 5000]), Bytes::from_static(b"tail")])
+            .unwrap();
+        assert_eq!(contents(&big).len(), 5004);
+        files.give_back(big);
+
+        // The same file again (one was kept), now with a shorter content:
+        // nothing of the first one may be left for clamd to read.
+        let small = files.take(&[Bytes::from_static(b"EICAR")]).unwrap();
+        assert_eq!(contents(&small), b"EICAR");
+        assert!(
+            files.idle.lock().unwrap().is_empty(),
+            "the kept file was used"
+        );
+
+        let empty = files.take(&[]).unwrap();
+        assert!(contents(&empty).is_empty());
+    }
+
+    #[test]
+    fn no_more_than_the_limit_is_kept() {
+        let files = MemoryFiles::default();
+        for _ in 0..MEMORY_FILES_KEPT + 3 {
+            files.give_back(memory_file().unwrap());
+        }
+        assert_eq!(files.idle.lock().unwrap().len(), MEMORY_FILES_KEPT);
     }
 }
