@@ -275,7 +275,7 @@ impl ClamavScan {
             let result = match &file {
                 Some(file) => {
                     use std::os::fd::AsFd;
-                    session.scan_fd(file.as_fd()).await
+                    session.scan_fd(file.file.as_fd()).await
                 }
                 None => session.scan_chunks(held).await,
             };
@@ -398,7 +398,14 @@ impl ClamavScan {
 /// pages) cost a small scan more than writing the next file over it.
 #[derive(Default)]
 struct MemoryFiles {
-    idle: std::sync::Mutex<Vec<std::fs::File>>,
+    /// Each with its size.
+    idle: std::sync::Mutex<Vec<(std::fs::File, u64)>>,
+}
+
+/// A file for one scan, with its size.
+struct MemoryFile {
+    file: std::fs::File,
+    len: u64,
 }
 
 /// Files kept at most; more are closed. About the scans in flight at once.
@@ -406,28 +413,31 @@ const MEMORY_FILES_KEPT: usize = 64;
 
 impl MemoryFiles {
     /// The held bytes as an in-memory file, a kept one when there is one.
-    /// Its size is set to theirs, so nothing of an earlier file remains.
-    fn take(&self, chunks: &[Bytes]) -> std::io::Result<std::fs::File> {
+    /// A kept file longer than them is cut to their size, so that nothing
+    /// of an earlier file remains.
+    fn take(&self, chunks: &[Bytes]) -> std::io::Result<MemoryFile> {
         use std::os::unix::fs::FileExt;
         let kept = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let file = match kept {
-            Some(file) => file,
-            None => memory_file()?,
+        let (file, old_len) = match kept {
+            Some(kept) => kept,
+            None => (memory_file()?, 0),
         };
-        let mut offset = 0u64;
+        let mut len = 0u64;
         for chunk in chunks {
-            file.write_all_at(chunk, offset)?;
-            offset += chunk.len() as u64;
+            file.write_all_at(chunk, len)?;
+            len += chunk.len() as u64;
         }
-        file.set_len(offset)?;
-        Ok(file)
+        if len < old_len {
+            file.set_len(len)?;
+        }
+        Ok(MemoryFile { file, len })
     }
 
     /// Keeps a file whose scan is over (one that failed is dropped).
-    fn give_back(&self, file: std::fs::File) {
+    fn give_back(&self, file: MemoryFile) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MEMORY_FILES_KEPT {
-            idle.push(file);
+            idle.push((file.file, file.len));
         }
     }
 }
@@ -559,8 +569,8 @@ mod tests {
     use super::*;
     use std::io::{Read, Seek};
 
-    fn contents(file: &std::fs::File) -> Vec<u8> {
-        let mut file = file.try_clone().unwrap();
+    fn contents(file: &MemoryFile) -> Vec<u8> {
+        let mut file = file.file.try_clone().unwrap();
         file.rewind().unwrap();
         let mut out = Vec::new();
         file.read_to_end(&mut out).unwrap();
@@ -575,6 +585,14 @@ mod tests {
             .unwrap();
         assert_eq!(contents(&big).len(), 5004);
         files.give_back(big);
+
+        // Longer, then as long: written over, no more and no less.
+        let longer = files.take(&[Bytes::from(vec![b'y'; 6000])]).unwrap();
+        assert_eq!(contents(&longer), vec![b'y'; 6000]);
+        files.give_back(longer);
+        let same = files.take(&[Bytes::from(vec![b'z'; 6000])]).unwrap();
+        assert_eq!(contents(&same), vec![b'z'; 6000]);
+        files.give_back(same);
 
         // The same file again (one was kept), now with a shorter content:
         // nothing of the first one may be left for clamd to read.
@@ -593,7 +611,10 @@ mod tests {
     fn no_more_than_the_limit_is_kept() {
         let files = MemoryFiles::default();
         for _ in 0..MEMORY_FILES_KEPT + 3 {
-            files.give_back(memory_file().unwrap());
+            files.give_back(MemoryFile {
+                file: memory_file().unwrap(),
+                len: 0,
+            });
         }
         assert_eq!(files.idle.lock().unwrap().len(), MEMORY_FILES_KEPT);
     }
