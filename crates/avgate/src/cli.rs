@@ -145,10 +145,8 @@ pub fn init_logging(format: LogFormat, level: Option<&str>) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if json {
         let builder = builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
+            .fmt_fields(crate::logfmt::JsonFieldList)
+            .event_format(crate::logfmt::JsonLines)
             .with_filter_reloading();
         let handle = builder.reload_handle();
         let _ = LOG_FILTER.set(Box::new(move |f| {

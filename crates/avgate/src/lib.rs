@@ -31,6 +31,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod logfmt;
 pub mod managed;
 pub mod metrics;
 pub mod perimeter;
