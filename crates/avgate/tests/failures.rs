@@ -200,6 +200,63 @@ async fn killing_one_of_two_backends_under_load_loses_no_answer() {
     drop(b);
 }
 
+/// A small upload takes a clamd slot only once all of it has arrived: a
+/// client that sends one slowly does not keep a clamd thread from others.
+/// A large one, streamed to clamd as it comes, holds its slot meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_small_upload_holds_no_clamd_slot_but_a_large_one_does() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.clamd.max_concurrent_per_backend = 1;
+    cfg.clamd.queue_timeout = Humantime(Duration::from_millis(300));
+    let gw = Gateway::start(cfg).await;
+
+    // Sends all but the last 100 bytes of a one-file form, then waits.
+    let start_upload = |data: Vec<u8>| async move {
+        let body = multipart_body("slow-b", &[("file", Some(b"slow.bin"), &data)]);
+        let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/scan HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: multipart/form-data; boundary=slow-b\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let (now, later) = body.split_at(body.len() - 100);
+        stream.write_all(now).await.unwrap();
+        (stream, later.to_vec())
+    };
+    let finish_upload = |(mut stream, rest): (tokio::net::TcpStream, Vec<u8>)| async move {
+        stream.write_all(&rest).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        answer
+    };
+
+    let small = start_upload(random_bytes(4096, 1)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.scan_expecting("eicar.com", EICAR.to_vec(), "FOUND")
+        .await;
+    let answer = finish_upload(small).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"status\":\"OK\""), "{answer}");
+
+    // Above small_file_max_size (1 MiB): the slot is taken as it starts.
+    let large = start_upload(random_bytes(2 << 20, 2)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("engine_busy")),
+        "{body}"
+    );
+    let answer = finish_upload(large).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"status\":\"OK\""), "{answer}");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_refused_with_503_not_queued_without_bound() {
     let fake = FakeClamd::start(Fault::StallReply).await;

@@ -20,6 +20,7 @@ use crate::perimeter::slowbody::MinRate;
 use crate::scan::filename;
 use crate::scan::pipeline::{self, BodyError, ScanResult};
 use crate::scan::verdict::Status;
+use crate::scan::SizeHint;
 
 /// Room for multipart boundaries and part headers on top of the files.
 const MULTIPART_OVERHEAD: u64 = 64 * 1024;
@@ -30,10 +31,8 @@ pub async fn scan_one(
     principal: Principal,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let meter = state
-        .auth
-        .meter(&principal, content_length(request.headers()))
-        .await?;
+    let request_length = content_length(request.headers());
+    let meter = state.auth.meter(&principal, request_length).await?;
     let observe = ScanContext::new(&state, &request, &principal);
     let mut form = Form::open(&state, request, 1)?;
     let mut result: Option<ScanResult> = None;
@@ -48,7 +47,12 @@ pub async fn scan_one(
                 }
                 let name = field.file_name().and_then(filename::sanitize);
                 let body = field_stream(field);
-                result = Some(scan_file(&state, &meter, &observe, name, body, None).await?);
+                // The part is no larger than the request around it.
+                let size = SizeHint {
+                    exact: None,
+                    at_most: request_length,
+                };
+                result = Some(scan_file(&state, &meter, &observe, name, body, size).await?);
             }
             Part::Other => {}
         }
@@ -72,10 +76,8 @@ pub async fn scan_batch(
     request: Request,
 ) -> Result<Response, ApiError> {
     let max_files = state.limits.max_files;
-    let meter = state
-        .auth
-        .meter(&principal, content_length(request.headers()))
-        .await?;
+    let request_length = content_length(request.headers());
+    let meter = state.auth.meter(&principal, request_length).await?;
     let observe = ScanContext::new(&state, &request, &principal);
     let mut form = Form::open(&state, request, max_files as u64)?;
     let mut results: Vec<ScanResult> = Vec::new();
@@ -96,7 +98,11 @@ pub async fn scan_batch(
         }
         let name = field.file_name().and_then(filename::sanitize);
         let body = field_stream(field);
-        match scan_file(&state, &meter, &observe, name, body, None).await {
+        let size = SizeHint {
+            exact: None,
+            at_most: request_length,
+        };
+        match scan_file(&state, &meter, &observe, name, body, size).await {
             Ok(scanned) => results.push(scanned),
             Err(e) => return Err(e.with_extra("results", partial(&results))),
         }
@@ -152,7 +158,11 @@ pub async fn scan_raw(
         state.perimeter.min_upload_rate,
         state.perimeter.min_upload_window,
     );
-    let scanned = scan_file(&state, &meter, &observe, name, body, length).await?;
+    let size = SizeHint {
+        exact: length,
+        at_most: None,
+    };
+    let scanned = scan_file(&state, &meter, &observe, name, body, size).await?;
     Ok(Json(scanned).into_response())
 }
 
@@ -165,7 +175,7 @@ async fn scan_file<S>(
     observe: &ScanContext,
     name: Option<String>,
     body: S,
-    length: Option<u64>,
+    size: SizeHint,
 ) -> Result<ScanResult, ApiError>
 where
     S: futures_util::Stream<Item = Result<bytes::Bytes, BodyError>>,
@@ -179,7 +189,7 @@ where
         &state.policy,
         name.clone(),
         body,
-        length,
+        size,
         state.limits.max_size,
     );
     let scanned = observe

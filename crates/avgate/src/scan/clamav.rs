@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use clamd::{AcquireError, Instream, Lease, Pool, ScanReply};
 
-use super::{Detection, Engine, EngineError, EngineInfo, EngineReport, EngineScan};
+use super::{Detection, Engine, EngineError, EngineInfo, EngineReport, EngineScan, SizeHint};
 
 /// Reported when a file is larger than a backend's StreamMaxLength: clamd
 /// would cut the stream off unscanned, so we say so instead of sending it.
@@ -80,11 +80,18 @@ impl Engine for ClamavEngine {
     /// that has the file at hand (clamd otherwise wakes up once for the
     /// command and again for the data), or at the end for a file passed as
     /// a descriptor.
-    async fn begin(&self, size_hint: Option<u64>) -> Result<Box<dyn EngineScan>, EngineError> {
+    ///
+    /// A file known to be small (its request is no larger than
+    /// `small_file_max`) takes its slot only once it is all here: reading
+    /// it costs nothing worth refusing early, and the slot, one of the
+    /// clamd's threads, then goes straight to a scan instead of idling
+    /// while the upload is read.
+    async fn begin(&self, size: SizeHint) -> Result<Box<dyn EngineScan>, EngineError> {
         let mut scan = ClamavScan {
             settings: self.inner.clone(),
             tried: Vec::new(),
             lease: None,
+            slot_later: false,
             stream: None,
             replay: Some(Vec::new()),
             replay_bytes: 0,
@@ -92,8 +99,13 @@ impl Engine for ClamavEngine {
             early: None,
             last_error: None,
         };
+        let small = self.inner.small_file_max;
+        if small > 0 && size.upper_bound().is_some_and(|n| n <= small as u64) {
+            scan.slot_later = true;
+            return Ok(Box::new(scan));
+        }
         scan.acquire().await?;
-        if let (Some(size), Some(limit)) = (size_hint, scan.stream_max()) {
+        if let (Some(size), Some(limit)) = (size.exact, scan.stream_max()) {
             if size > limit {
                 scan.give_up_unscanned();
             }
@@ -107,6 +119,8 @@ struct ClamavScan {
     /// Backends this scan already failed on (by pool index).
     tried: Vec<usize>,
     lease: Option<Lease>,
+    /// No slot taken yet: a small file, held until it is complete.
+    slot_later: bool,
     stream: Option<Instream>,
     /// Every byte received so far, while it fits in `replay_limit`; `None`
     /// once it no longer does (a failure then cannot be retried). Before a
@@ -143,6 +157,7 @@ impl ClamavScan {
         };
         self.tried.push(lease.index());
         self.lease = Some(lease);
+        self.slot_later = false;
         Ok(())
     }
 
@@ -236,7 +251,9 @@ impl ClamavScan {
     /// Whether a file of `size` bytes, all of them held, is still small
     /// enough to be sent in one go at the end.
     fn may_hold(&self, size: usize) -> bool {
-        self.lease.is_some() && self.replay.is_some() && size <= self.settings.small_file_max
+        (self.lease.is_some() || self.slot_later)
+            && self.replay.is_some()
+            && size <= self.settings.small_file_max
     }
 
     /// Scans a small file whose bytes are all held: on a session of the
@@ -518,6 +535,16 @@ impl EngineScan for ClamavScan {
                 // Nothing sent yet: a small file, an empty one (streamed:
                 // nothing to hand over), or a fallback.
                 if self.replay_bytes > 0 && self.may_hold(self.replay_bytes) {
+                    if self.lease.is_none() {
+                        self.acquire().await?;
+                        if self
+                            .stream_max()
+                            .is_some_and(|max| self.replay_bytes as u64 > max)
+                        {
+                            self.give_up_unscanned();
+                            continue;
+                        }
+                    }
                     if let Some(reply) = self.scan_held().await? {
                         return self.report(reply);
                     }

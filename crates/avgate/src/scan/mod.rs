@@ -17,9 +17,30 @@ pub trait Engine: Send + Sync {
     /// Short stable name, e.g. `clamav`.
     fn name(&self) -> &'static str;
 
-    /// Opens a scan. `size_hint` is the declared size, when the client sent
-    /// one, so an engine can refuse early what it cannot scan.
-    async fn begin(&self, size_hint: Option<u64>) -> Result<Box<dyn EngineScan>, EngineError>;
+    /// Opens a scan. `size` is what the client said of the file's size, so
+    /// that an engine can refuse early what it cannot scan, or wait for a
+    /// file that is known to be small.
+    async fn begin(&self, size: SizeHint) -> Result<Box<dyn EngineScan>, EngineError>;
+}
+
+/// What is known of a file's size before its bytes arrive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SizeHint {
+    /// The size, declared (a raw body's Content-Length).
+    pub exact: Option<u64>,
+    /// A bound on it (the Content-Length of a multipart request around the
+    /// file's part).
+    pub at_most: Option<u64>,
+}
+
+impl SizeHint {
+    /// The most the file can be, when anything is known.
+    pub fn upper_bound(&self) -> Option<u64> {
+        match (self.exact, self.at_most) {
+            (Some(exact), _) => Some(exact),
+            (None, bound) => bound,
+        }
+    }
 }
 
 /// One scan in progress.

@@ -13,7 +13,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::verdict::{self, Verdict};
-use super::{Engine, EngineError, EngineInfo, EngineScan};
+use super::{Engine, EngineError, EngineInfo, EngineScan, SizeHint};
 
 /// A failure to read the client's body, already classified by the caller
 /// (which knows the transport).
@@ -63,26 +63,27 @@ pub struct ScanResult {
 /// Streams `body` through every engine and decides the verdict, with the
 /// policy in force when the engines have answered.
 ///
-/// `size_hint` is what the client declared (checked against `max_size`
-/// before anything is read); the real size is counted as bytes arrive.
+/// `declared` is what the client said of the size (an exact size is checked
+/// against `max_size` before anything is read); the real size is counted
+/// as bytes arrive.
 pub async fn scan<S>(
     engines: &[Arc<dyn Engine>],
     policy: &crate::policy::Policy,
     filename: Option<String>,
     body: S,
-    size_hint: Option<u64>,
+    declared: SizeHint,
     max_size: u64,
 ) -> Result<ScanResult, PipelineError>
 where
     S: Stream<Item = Result<Bytes, BodyError>>,
 {
-    if size_hint.is_some_and(|n| n > max_size) {
+    if declared.exact.is_some_and(|n| n > max_size) {
         return Err(PipelineError::TooLarge { limit: max_size });
     }
     let started = Instant::now();
     let mut scans: Vec<Box<dyn EngineScan>> = Vec::with_capacity(engines.len());
     for engine in engines {
-        scans.push(engine.begin(size_hint).await?);
+        scans.push(engine.begin(declared).await?);
     }
 
     let mut hasher = Sha256::new();
