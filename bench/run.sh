@@ -15,7 +15,7 @@
 # It prints figures and ratios next to the targets; it fails only when
 # something does not work, never because a target is missed.
 #
-# Knobs (environment): SMALL_SECS (4), SMALL_ROUNDS (3), LARGE_MIB (100),
+# Knobs (environment): SMALL_SECS (4), SMALL_ROUNDS (5), LARGE_MIB (100),
 # LARGE_REPS (5), MEM_MIB (150), MEM_UPLOADS (8), CLAMD (/usr/sbin/clamd),
 # CLAMD_THREADS (8: avgate's default max_concurrent_per_backend),
 # AVGATE_LOG (info, as deployed; avgate's log goes to a file),
@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 SMALL_SECS=${SMALL_SECS:-4}
-SMALL_ROUNDS=${SMALL_ROUNDS:-3}
+SMALL_ROUNDS=${SMALL_ROUNDS:-5}
 LARGE_MIB=${LARGE_MIB:-100}
 LARGE_REPS=${LARGE_REPS:-5}
 MEM_MIB=${MEM_MIB:-150}

@@ -120,9 +120,15 @@ impl Ctx {
         }
     }
 
-    /// Scans `size` bytes of fresh random data, generated while sending.
-    pub async fn scan_random(&self, target: Target, size: u64) -> anyhow::Result<Outcome> {
-        let body = data::random_stream(size, self.chunk);
+    /// Scans `size` bytes of random data from `seed`, generated while
+    /// sending.
+    pub async fn scan_random(
+        &self,
+        target: Target,
+        size: u64,
+        seed: u64,
+    ) -> anyhow::Result<Outcome> {
+        let body = data::random_stream(size, self.chunk, seed);
         match target {
             Target::Raw => {
                 let conn = clamd::Connection::connect(&self.clamd, self.timeouts).await?;
