@@ -428,6 +428,11 @@ struct MemoryFile {
 /// Files kept at most; more are closed. About the scans in flight at once.
 const MEMORY_FILES_KEPT: usize = 64;
 
+/// Largest file kept: a kept file holds its pages until the next file is
+/// written over it, so idle ones hold at most 64 × 64 KiB. Larger files
+/// are rarer and cost more to write than to create a new memfd.
+const MEMORY_FILE_KEPT_MAX: u64 = 64 * 1024;
+
 impl MemoryFiles {
     /// The held bytes as an in-memory file, a kept one when there is one.
     /// A kept file longer than them is cut to their size, so that nothing
@@ -450,8 +455,12 @@ impl MemoryFiles {
         Ok(MemoryFile { file, len })
     }
 
-    /// Keeps a file whose scan is over (one that failed is dropped).
+    /// Keeps a file whose scan is over, unless it is large (one that
+    /// failed is dropped by the caller).
     fn give_back(&self, file: MemoryFile) {
+        if file.len > MEMORY_FILE_KEPT_MAX {
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MEMORY_FILES_KEPT {
             idle.push((file.file, file.len));
@@ -632,6 +641,17 @@ mod tests {
 
         let empty = files.take(&[]).unwrap();
         assert!(contents(&empty).is_empty());
+    }
+
+    #[test]
+    fn a_large_file_is_not_kept() {
+        let files = MemoryFiles::default();
+        let large = vec![b'x'; MEMORY_FILE_KEPT_MAX as usize + 1];
+        files.give_back(files.take(&[Bytes::from(large)]).unwrap());
+        assert!(files.idle.lock().unwrap().is_empty());
+        let limit = vec![b'x'; MEMORY_FILE_KEPT_MAX as usize];
+        files.give_back(files.take(&[Bytes::from(limit)]).unwrap());
+        assert_eq!(files.idle.lock().unwrap().len(), 1);
     }
 
     #[test]
