@@ -83,9 +83,9 @@ impl Engine for ClamavEngine {
     ///
     /// A file known to be small (its request is no larger than
     /// `small_file_max`) takes its slot only once it is all here: reading
-    /// it costs nothing worth refusing early, and the slot, one of the
-    /// clamd's threads, then goes straight to a scan instead of idling
-    /// while the upload is read.
+    /// it costs nothing worth refusing early, and the slot (one of clamd's
+    /// threads) then goes straight to a scan instead of idling while the
+    /// upload is read.
     async fn begin(&self, size: SizeHint) -> Result<Box<dyn EngineScan>, EngineError> {
         let mut scan = ClamavScan {
             settings: self.inner.clone(),
