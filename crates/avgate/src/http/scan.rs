@@ -48,10 +48,7 @@ pub async fn scan_one(
                 let name = field.file_name().and_then(filename::sanitize);
                 let body = field_stream(field);
                 // The part is no larger than the request around it.
-                let size = SizeHint {
-                    exact: None,
-                    at_most: request_length,
-                };
+                let size = SizeHint::within(request_length);
                 result = Some(scan_file(&state, &meter, &observe, name, body, size).await?);
             }
             Part::Other => {}
@@ -98,10 +95,7 @@ pub async fn scan_batch(
         }
         let name = field.file_name().and_then(filename::sanitize);
         let body = field_stream(field);
-        let size = SizeHint {
-            exact: None,
-            at_most: request_length,
-        };
+        let size = SizeHint::within(request_length);
         match scan_file(&state, &meter, &observe, name, body, size).await {
             Ok(scanned) => results.push(scanned),
             Err(e) => return Err(e.with_extra("results", partial(&results))),
@@ -158,10 +152,7 @@ pub async fn scan_raw(
         state.perimeter.min_upload_rate,
         state.perimeter.min_upload_window,
     );
-    let size = SizeHint {
-        exact: length,
-        at_most: None,
-    };
+    let size = SizeHint::declared(length);
     let scanned = scan_file(&state, &meter, &observe, name, body, size).await?;
     Ok(Json(scanned).into_response())
 }

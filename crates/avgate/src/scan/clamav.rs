@@ -105,10 +105,8 @@ impl Engine for ClamavEngine {
             return Ok(Box::new(scan));
         }
         scan.acquire().await?;
-        if let (Some(size), Some(limit)) = (size.exact, scan.stream_max()) {
-            if size > limit {
-                scan.give_up_unscanned();
-            }
+        if size.exact.is_some_and(|n| scan.over_stream_max(n)) {
+            scan.give_up_unscanned();
         }
         Ok(Box::new(scan))
     }
@@ -224,9 +222,19 @@ impl ClamavScan {
         }
     }
 
-    fn stream_max(&self) -> Option<u64> {
-        let index = self.lease.as_ref()?.index();
-        self.settings.stream_max.get(index).copied().flatten()
+    /// Whether `size` bytes are more than the current backend's
+    /// StreamMaxLength (when it is known).
+    fn over_stream_max(&self, size: u64) -> bool {
+        let Some(lease) = &self.lease else {
+            return false;
+        };
+        let limit = self
+            .settings
+            .stream_max
+            .get(lease.index())
+            .copied()
+            .flatten();
+        limit.is_some_and(|max| size > max)
     }
 
     fn give_up_unscanned(&mut self) {
@@ -489,11 +497,9 @@ impl EngineScan for ClamavScan {
         if self.early.is_some() {
             return Ok(());
         }
-        if let Some(limit) = self.stream_max() {
-            if self.sent.max(self.replay_bytes as u64) + chunk.len() as u64 > limit {
-                self.give_up_unscanned();
-                return Ok(());
-            }
+        if self.over_stream_max(self.sent.max(self.replay_bytes as u64) + chunk.len() as u64) {
+            self.give_up_unscanned();
+            return Ok(());
         }
         if self.stream.is_none() {
             if self.may_hold(self.replay_bytes + chunk.len()) {
@@ -546,10 +552,7 @@ impl EngineScan for ClamavScan {
                 if self.replay_bytes > 0 && self.may_hold(self.replay_bytes) {
                     if self.lease.is_none() {
                         self.acquire().await?;
-                        if self
-                            .stream_max()
-                            .is_some_and(|max| self.replay_bytes as u64 > max)
-                        {
+                        if self.over_stream_max(self.replay_bytes as u64) {
                             self.give_up_unscanned();
                             continue;
                         }

@@ -34,6 +34,22 @@ pub struct SizeHint {
 }
 
 impl SizeHint {
+    /// A size the client declared (a raw body's Content-Length).
+    pub fn declared(size: Option<u64>) -> SizeHint {
+        SizeHint {
+            exact: size,
+            at_most: None,
+        }
+    }
+
+    /// A file inside a request of `length` bytes (a multipart part).
+    pub fn within(length: Option<u64>) -> SizeHint {
+        SizeHint {
+            exact: None,
+            at_most: length,
+        }
+    }
+
     /// The most the file can be, when anything is known.
     pub fn upper_bound(&self) -> Option<u64> {
         match (self.exact, self.at_most) {
