@@ -174,7 +174,20 @@ pub struct Worker {
     buf: Vec<u8>,
 }
 
-const BOUNDARY: &str = "avgate-bench-7d1f0c9a5e";
+macro_rules! boundary {
+    () => {
+        "avgate-bench-7d1f0c9a5e"
+    };
+}
+const BOUNDARY: &str = boundary!();
+/// The form around each payload: the same for every request.
+const PART_HEAD: &str = concat!(
+    "--",
+    boundary!(),
+    "\r\nContent-Disposition: form-data; name=\"file\"; filename=\"payload.bin\"\r\n",
+    "Content-Type: application/octet-stream\r\n\r\n"
+);
+const PART_TAIL: &str = concat!("\r\n--", boundary!(), "--\r\n");
 
 impl Worker {
     /// Scans a small payload held in memory.
@@ -222,18 +235,13 @@ impl Worker {
             }
             head
         });
-        let part_head = format!(
-            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"payload.bin\"\r\n\
-             Content-Type: application/octet-stream\r\n\r\n"
-        );
-        let part_tail = format!("\r\n--{BOUNDARY}--\r\n");
-        let length = part_head.len() + data.len() + part_tail.len();
+        let length = PART_HEAD.len() + data.len() + PART_TAIL.len();
         let mut request = Vec::with_capacity(head.len() + 32 + length);
         request.extend_from_slice(head.as_bytes());
         request.extend_from_slice(format!("Content-Length: {length}\r\n\r\n").as_bytes());
-        request.extend_from_slice(part_head.as_bytes());
+        request.extend_from_slice(PART_HEAD.as_bytes());
         request.extend_from_slice(data);
-        request.extend_from_slice(part_tail.as_bytes());
+        request.extend_from_slice(PART_TAIL.as_bytes());
 
         let stream = match &mut self.http {
             Some(stream) => stream,
