@@ -192,6 +192,12 @@ impl Backend {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// What the last probe learnt of clamd's version and database.
+    pub fn version(&self) -> Option<Version> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.version.clone()
+    }
+
     pub fn status(&self) -> BackendStatus {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         BackendStatus {

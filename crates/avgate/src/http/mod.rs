@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::HeaderValue;
+use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{delete, get, post};
@@ -129,7 +129,8 @@ async fn request_context(
     let span = tracing::info_span!("request", request_id = %id.0, client = %client);
     let mut response = next.run(request).instrument(span.clone()).await;
     if let Ok(value) = HeaderValue::from_str(&id.0) {
-        response.headers_mut().insert("x-request-id", value);
+        const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+        response.headers_mut().insert(REQUEST_ID, value);
     }
     let status = response.status().as_u16();
     span.in_scope(|| {

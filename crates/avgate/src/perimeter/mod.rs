@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ipnet::IpNet;
@@ -229,10 +229,12 @@ fn set_rate_headers(headers: &mut HeaderMap, decision: Option<Decision>) {
         Some(Decision::Limited { limit, retry_after }) => (limit, 0, retry_after),
         None => return,
     };
-    headers.insert("ratelimit-limit", HeaderValue::from(limit));
-    headers.insert("ratelimit-remaining", HeaderValue::from(remaining));
-    headers.insert(
-        "ratelimit-reset",
-        HeaderValue::from(reset.as_secs_f64().ceil() as u64),
-    );
+    // Named by constants: a name given as a string is copied into a new
+    // allocation on every insert.
+    const LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+    const REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+    const RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+    headers.insert(LIMIT, HeaderValue::from(limit));
+    headers.insert(REMAINING, HeaderValue::from(remaining));
+    headers.insert(RESET, HeaderValue::from(reset.as_secs_f64().ceil() as u64));
 }

@@ -401,7 +401,7 @@ impl ClamavScan {
         let (backend, version) = match &self.lease {
             Some(lease) => (
                 lease.backend().address.to_string(),
-                lease.backend().status().version,
+                lease.backend().version(),
             ),
             None => (String::new(), None),
         };

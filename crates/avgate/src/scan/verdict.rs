@@ -59,9 +59,13 @@ const UNSCANNABLE_PREFIXES: &[&str] = &[
 /// Decides the verdict from every engine's report. With no report at all
 /// there is nothing to call clean: that is a caller bug, answered FOUND.
 pub fn decide(reports: &[EngineReport]) -> Verdict {
+    worst_of(reports.iter().map(|r| &r.detection))
+}
+
+fn worst_of<'a>(detections: impl Iterator<Item = &'a Detection>) -> Verdict {
     let mut worst: Option<Verdict> = None;
-    for report in reports {
-        let v = classify(&report.detection);
+    for detection in detections {
+        let v = classify(detection);
         worst = Some(match worst {
             Some(w) if rank(&w) >= rank(&v) => w,
             _ => v,
@@ -90,28 +94,30 @@ pub fn decide(reports: &[EngineReport]) -> Verdict {
 ///    unless `policy.ignore_after_scan` accepts that risk.
 pub fn decide_with_policy(reports: &[EngineReport], sha256: &str, snapshot: &Snapshot) -> Verdict {
     let now = clock::now();
-    let found = decide(reports).signature;
+    let found = || decide(reports).signature;
     if let Some(entry) = snapshot.blocked(sha256, now) {
         return Verdict {
             status: Status::FOUND,
             verdict: Kind::Infected,
             signature: Some(policy::BLOCKLIST_SIGNATURE.into()),
             score: 100,
-            policy: Some(PolicyNote::of(entry, true, found)),
+            policy: Some(PolicyNote::of(entry, true, found())),
         };
     }
     if let Some(entry) = snapshot.allowed(sha256, now) {
         return Verdict {
-            policy: Some(PolicyNote::of(entry, true, found)),
+            policy: Some(PolicyNote::of(entry, true, found())),
             ..classify(&Detection::Clean)
         };
     }
     let mut notes = Vec::new();
-    let kept: Vec<EngineReport> = reports
+    // Only the detections matter from here on: the engines' details stay
+    // in `reports`.
+    let kept: Vec<Detection> = reports
         .iter()
         .map(|report| {
             let Detection::Found(name) = &report.detection else {
-                return report.clone();
+                return Detection::Clean;
             };
             if let Some(entry) = snapshot.ignored(name, now) {
                 let note = PolicyNote::of(entry, snapshot.ignore_after_scan, Some(name.clone()));
@@ -119,10 +125,7 @@ pub fn decide_with_policy(reports: &[EngineReport], sha256: &str, snapshot: &Sna
                     notes.push(note.with_note(
                         "ignored after the scan (policy.ignore_after_scan): clamd reports only                          the first match, so another signature on this file would not be seen",
                     ));
-                    return EngineReport {
-                        detection: Detection::Clean,
-                        ..report.clone()
-                    };
+                    return Detection::Clean;
                 }
                 notes.push(note.with_note(match snapshot.clamd {
                     policy::ClamdMode::Managed => {
@@ -145,10 +148,10 @@ pub fn decide_with_policy(reports: &[EngineReport], sha256: &str, snapshot: &Sna
                     ),
                 });
             }
-            report.clone()
+            report.detection.clone()
         })
         .collect();
-    let mut verdict = decide(&kept);
+    let mut verdict = worst_of(kept.iter());
     // The note that explains this answer: an ignore that made it OK, or
     // the one about the finding reported.
     verdict.policy = notes.into_iter().find(|n| match verdict.status {
