@@ -518,6 +518,13 @@ async fn small(args: &Args) -> anyhow::Result<()> {
                 raw_clamd / (gate_clamd + gate_avgate)
             };
             println!(
+                "      each round, avgate / raw: {}",
+                listed(&pair_ratios(
+                    round_rates.get(&(k, c, "raw")),
+                    round_rates.get(&(k, c, "avgate")),
+                ))
+            );
+            println!(
                 "      server CPU per request, raw / (clamd + avgate): {server_ratio:.3} (the ratio to expect with the client on other CPUs)"
             );
             let mut fildes = results.remove(&(k, c, "raw-fildes"));
@@ -666,6 +673,10 @@ async fn large(args: &Args) -> anyhow::Result<()> {
         max(&figures["avgate"]),
         shown(ratio),
         verdict(ratio >= RATIO_TARGET)
+    );
+    println!(
+        "   each repetition, avgate / raw: {}",
+        listed(&pair_ratios(figures.get("raw"), figures.get("avgate")))
     );
     args.record(&[
         "large".into(),
@@ -881,15 +892,7 @@ fn shown(ratio: f64) -> String {
 /// a slow spell of the machine (a neighbour, a build) affects both sides
 /// of a pair and drops out of its ratio.
 fn paired_ratio(raw: Option<&Vec<f64>>, avgate: Option<&Vec<f64>>) -> f64 {
-    let (Some(raw), Some(avgate)) = (raw, avgate) else {
-        return f64::NAN;
-    };
-    let mut ratios: Vec<f64> = raw
-        .iter()
-        .zip(avgate)
-        .filter(|(r, _)| **r > 0.0)
-        .map(|(r, a)| a / r)
-        .collect();
+    let mut ratios = pair_ratios(raw, avgate);
     if ratios.is_empty() {
         return f64::NAN;
     }
@@ -900,6 +903,27 @@ fn paired_ratio(raw: Option<&Vec<f64>>, avgate: Option<&Vec<f64>>) -> f64 {
     } else {
         (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0
     }
+}
+
+/// `avgate[i] / raw[i]` for each pair, in the order they were run.
+fn pair_ratios(raw: Option<&Vec<f64>>, avgate: Option<&Vec<f64>>) -> Vec<f64> {
+    let (Some(raw), Some(avgate)) = (raw, avgate) else {
+        return Vec::new();
+    };
+    raw.iter()
+        .zip(avgate)
+        .filter(|(r, _)| **r > 0.0)
+        .map(|(r, a)| a / r)
+        .collect()
+}
+
+/// The ratio of each pair, so that a median can be read with its spread.
+fn listed(ratios: &[f64]) -> String {
+    ratios
+        .iter()
+        .map(|r| format!("{r:.2}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn mean(v: &[f64]) -> f64 {
