@@ -301,6 +301,9 @@ impl Signatures {
         if let Err(e) = result {
             outcome = "failed";
             detail = Some(format!("RELOAD: {e}"));
+            if let Some(m) = managed {
+                m.reload_missed();
+            }
         } else if let Some(events) = &mut events {
             match wait_for_managed(events).await {
                 Ok(Some(signatures)) => {

@@ -107,7 +107,9 @@ pub struct ManagedClamd {
     update_mode: UpdateMode,
     kind: Mutex<DatabaseKind>,
     /// The database files as of the last sync: a difference means reload.
-    synced: Mutex<Fingerprint>,
+    /// The files' state clamd was last given, `None` when a reload did not
+    /// reach it (see [`ManagedClamd::reload_missed`]).
+    synced: Mutex<Option<Fingerprint>>,
     events: Arc<watch::Sender<ClamdEvent>>,
     status: Mutex<ManagedStatus>,
 }
@@ -196,7 +198,7 @@ impl ManagedClamd {
             stream_max_length,
             max_threads: config.managed.max_threads,
             backoff_max: config.managed.restart_backoff_max.0,
-            synced: Mutex::new(layout.fingerprint()),
+            synced: Mutex::new(Some(layout.fingerprint())),
             layout,
             update_mode,
             kind: Mutex::new(database),
@@ -259,7 +261,7 @@ impl ManagedClamd {
                 "the managed clamd's signature database changed kind"
             );
         }
-        *self.synced.lock().unwrap_or_else(|e| e.into_inner()) = fingerprint;
+        *self.synced.lock().unwrap_or_else(|e| e.into_inner()) = Some(fingerprint);
         self.update(|s| {
             s.database = report.kind.as_str();
             s.database_source = report
@@ -273,7 +275,25 @@ impl ManagedClamd {
     /// Whether the database files changed since the last sync.
     pub fn database_changed(&self) -> bool {
         let now = self.layout.fingerprint();
-        *self.synced.lock().unwrap_or_else(|e| e.into_inner()) != now
+        *self.synced.lock().unwrap_or_else(|e| e.into_inner()) != Some(now)
+    }
+
+    /// A reload could not be sent to clamd (it was starting, restarting,
+    /// or did not answer): the directory is synced but clamd may not have
+    /// read it. A clamd that was starting may have loaded the directory
+    /// just before the new files were linked in, so the reload is owed
+    /// until one gets through: [`ManagedClamd::database_changed`] says so
+    /// from now on.
+    pub fn reload_missed(&self) {
+        *self.synced.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Whether a reload is owed since one did not reach clamd.
+    pub fn reload_owed(&self) -> bool {
+        self.synced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
     }
 
     /// Writes one of avgate's own files (`.ign2`, `.sfp`, extra signatures)

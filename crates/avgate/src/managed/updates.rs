@@ -15,6 +15,8 @@
 //! In both modes the database files are checked every [`WATCH_INTERVAL`]
 //! and clamd is reloaded when they changed (clamd's own `SelfCheck` is off:
 //! reloads are avgate's, one at a time, after re-linking the directory).
+//! A reload that could not reach clamd is tried again every
+//! [`RELOAD_RETRY`] until one does.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -33,6 +35,9 @@ use crate::signatures::Signatures;
 
 /// How often the database files are checked for changes.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(5 * 60);
+
+/// How soon a reload that did not reach clamd is tried again.
+pub const RELOAD_RETRY: Duration = Duration::from_secs(10);
 /// Longest a freshclam run may take (the first download of the official
 /// database is ~300 MB).
 const RUN_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -357,7 +362,12 @@ pub async fn run(managed: Arc<ManagedClamd>, signatures: Arc<Signatures>, stop: 
         managed.update_updates(|u| u.next_check = Some(rfc3339_in(at)));
     }
     loop {
-        let wake = next_check.map_or(next_watch, |c| c.min(next_watch));
+        // Awake every RELOAD_RETRY too: a reload that did not reach clamd
+        // (from here, the admin API or a policy change) is owed, and is
+        // tried again then rather than at the next watch.
+        let wake = next_check
+            .map_or(next_watch, |c| c.min(next_watch))
+            .min(Instant::now() + RELOAD_RETRY);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep_until(wake.into()) => {}
@@ -399,12 +409,20 @@ pub async fn run(managed: Arc<ManagedClamd>, signatures: Arc<Signatures>, stop: 
                 }
             }
         }
-        if now >= next_watch {
-            next_watch = Instant::now() + WATCH_INTERVAL;
+        let owed = managed.reload_owed();
+        if now >= next_watch || owed {
+            if now >= next_watch {
+                next_watch = Instant::now() + WATCH_INTERVAL;
+            }
             if managed.database_changed() {
+                let reason = if owed {
+                    "the last reload did not reach clamd"
+                } else {
+                    "the database files changed"
+                };
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = signatures.reload("the database files changed") => {}
+                    _ = signatures.reload(reason) => {}
                 }
             }
         }
