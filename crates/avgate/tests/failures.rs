@@ -235,7 +235,9 @@ async fn a_slow_small_upload_holds_no_clamd_slot_but_a_large_one_does() {
     };
 
     let small = start_upload(random_bytes(4096, 1)).await;
+    // Time for avgate to take a slot if it (wrongly) would.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(backend_in_flight(&gw).await, 0);
     gw.scan_expecting("eicar.com", EICAR.to_vec(), "FOUND")
         .await;
     let answer = finish_upload(small).await;
@@ -244,7 +246,7 @@ async fn a_slow_small_upload_holds_no_clamd_slot_but_a_large_one_does() {
 
     // Above small_file_max_size (1 MiB): the slot is taken as it starts.
     let large = start_upload(random_bytes(2 << 20, 2)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_backend_in_flight(&gw, 1).await;
     let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
@@ -270,7 +272,7 @@ async fn overload_is_refused_with_503_not_queued_without_bound() {
         let gw = gw.clone();
         tokio::spawn(async move { gw.scan("slow.bin", b"slow".to_vec()).await })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_backend_in_flight(&gw, 1).await;
     let started = Instant::now();
     let (status, body) = gw.scan("second.bin", b"second".to_vec()).await;
     assert_eq!(status, 503, "{body}");
@@ -281,4 +283,21 @@ async fn overload_is_refused_with_503_not_queued_without_bound() {
         (status, body["error"]["code"].as_str()),
         (504, Some("engine_timeout"))
     );
+}
+
+/// Scans in flight on the first backend, as /readyz reports them.
+async fn backend_in_flight(gw: &Gateway) -> u64 {
+    let (_, ready) = json(gw.client.get(gw.url("/readyz")).send().await.unwrap()).await;
+    ready["backends"][0]["in_flight"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no in_flight in {ready}"))
+}
+
+/// Waits (up to 10 s) until the first backend has `n` scans in flight.
+async fn wait_backend_in_flight(gw: &Gateway, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend_in_flight(gw).await != n {
+        assert!(Instant::now() < deadline, "never {n} scan(s) in flight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
