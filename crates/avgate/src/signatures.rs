@@ -193,6 +193,19 @@ impl Signatures {
         }
     }
 
+    /// Whether the managed clamd answers scans (its backend is up); true
+    /// when there is none.
+    pub fn managed_up(&self) -> bool {
+        let Some(m) = &self.managed else {
+            return true;
+        };
+        let address = clamd::Address::Unix(m.socket.clone());
+        self.pool
+            .backends()
+            .iter()
+            .any(|b| b.address == address && b.is_healthy())
+    }
+
     /// Re-links the managed database directory, then reloads the backends
     /// one at a time (see the module docs). Concurrent calls queue.
     pub async fn reload(&self, reason: &str) -> ReloadReport {

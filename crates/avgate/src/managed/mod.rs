@@ -272,6 +272,11 @@ impl ManagedClamd {
         Ok(report)
     }
 
+    /// The database files' state now.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.layout.fingerprint()
+    }
+
     /// Whether the database files changed since the last sync.
     pub fn database_changed(&self) -> bool {
         let now = self.layout.fingerprint();

@@ -15,8 +15,9 @@
 //! In both modes the database files are checked every [`WATCH_INTERVAL`]
 //! and clamd is reloaded when they changed (clamd's own `SelfCheck` is off:
 //! reloads are avgate's, one at a time, after re-linking the directory).
-//! A reload that could not reach clamd is tried again every
-//! [`RELOAD_RETRY`] until one does.
+//! An update while the managed clamd is not up, or a reload that could not
+//! reach it, is owed: checked every [`RELOAD_RETRY`], and sent once clamd
+//! is up.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -36,7 +37,8 @@ use crate::signatures::Signatures;
 /// How often the database files are checked for changes.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(5 * 60);
 
-/// How soon a reload that did not reach clamd is tried again.
+/// How often an owed reload (clamd was not up, or could not be reached)
+/// is tried again.
 pub const RELOAD_RETRY: Duration = Duration::from_secs(10);
 /// Longest a freshclam run may take (the first download of the official
 /// database is ~300 MB).
@@ -376,11 +378,14 @@ pub async fn run(managed: Arc<ManagedClamd>, signatures: Arc<Signatures>, stop: 
         if let (Some(fc), Some(due)) = (&freshclam, next_check) {
             if now >= due {
                 tracing::info!(executable = %fc.executable.display(), "checking for signature updates");
+                let before = managed.fingerprint();
                 let outcome = fc.run(&stop).await;
                 fc.record_check();
                 let next = Instant::now() + jittered(fc.interval, random_fraction());
                 next_check = Some(next);
-                let changed = matches!(outcome, RunOutcome::Success) && managed.database_changed();
+                // What this run changed: an owed reload is not an update.
+                let changed =
+                    matches!(outcome, RunOutcome::Success) && managed.fingerprint() != before;
                 let result = match &outcome {
                     RunOutcome::Stopped => return,
                     RunOutcome::Success if changed => "updated".to_owned(),
@@ -404,7 +409,7 @@ pub async fn run(managed: Arc<ManagedClamd>, signatures: Arc<Signatures>, stop: 
                 if changed {
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = signatures.reload("freshclam updated the database") => {}
+                        _ = reload_or_owe(&managed, &signatures, "freshclam updated the database") => {}
                     }
                 }
             }
@@ -416,17 +421,35 @@ pub async fn run(managed: Arc<ManagedClamd>, signatures: Arc<Signatures>, stop: 
             }
             if managed.database_changed() {
                 let reason = if owed {
-                    "the last reload did not reach clamd"
+                    "owed: clamd was not up or could not be reached"
                 } else {
                     "the database files changed"
                 };
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = signatures.reload(reason) => {}
+                    _ = reload_or_owe(&managed, &signatures, reason) => {}
                 }
             }
         }
     }
+}
+
+/// Reloads clamd; while the managed clamd is not up (starting or
+/// restarting: no RELOAD can reach it), leaves the reload owed instead, to
+/// be sent once it is: a clamd that is starting may have read its
+/// directory before the new files were linked in.
+async fn reload_or_owe(managed: &ManagedClamd, signatures: &Signatures, reason: &str) {
+    if !signatures.managed_up() {
+        if !managed.reload_owed() {
+            tracing::info!(
+                reason,
+                "clamd is not up yet; its signature reload waits until it is"
+            );
+        }
+        managed.reload_missed();
+        return;
+    }
+    signatures.reload(reason).await;
 }
 
 fn rfc3339_in(at: Instant) -> String {
