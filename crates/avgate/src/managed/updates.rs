@@ -364,9 +364,10 @@ pub async fn run(managed: Arc<ManagedClamd>, signatures: Arc<Signatures>, stop: 
         managed.update_updates(|u| u.next_check = Some(rfc3339_in(at)));
     }
     loop {
-        // Awake every RELOAD_RETRY too: a reload that did not reach clamd
-        // (from here, the admin API or a policy change) is owed, and is
-        // tried again then rather than at the next watch.
+        // Awake every RELOAD_RETRY too, for an owed reload (clamd was not
+        // up for an update, or a reload from here, the admin API or a
+        // policy change could not reach it): sent then, not at the next
+        // watch.
         let wake = next_check
             .map_or(next_watch, |c| c.min(next_watch))
             .min(Instant::now() + RELOAD_RETRY);
