@@ -637,6 +637,15 @@ async fn external_backends_are_reloaded_one_at_a_time_under_load() {
     gw.stop().await;
 }
 
+/// [`managed_config`] with `script` as avgate's freshclam, run every 2 s.
+fn freshclam_config(root: &Path, script: PathBuf) -> Config {
+    let mut cfg = managed_config(root);
+    cfg.updates.enabled = Some(true);
+    cfg.updates.freshclam_path = Some(script);
+    cfg.updates.interval = Humantime(Duration::from_secs(2));
+    cfg
+}
+
 /// `reloads` reloads done in all, the last one owed (clamd was not up, or
 /// could not be reached) and successful.
 fn assert_owed_reload_done(ready: &Value, reloads: u64) {
@@ -692,10 +701,7 @@ async fn an_update_while_clamd_is_down_is_loaded_once_it_is_back() {
         &ndb("Avgate-Update-While-Down", pattern),
         Some(&gate),
     );
-    let mut cfg = managed_config(root.path());
-    cfg.updates.enabled = Some(true);
-    cfg.updates.freshclam_path = Some(script);
-    cfg.updates.interval = Humantime(Duration::from_secs(2));
+    let mut cfg = freshclam_config(root.path(), script);
     cfg.clamd.health_interval = Humantime(Duration::from_millis(500));
     let gw = Gw::start(cfg).await;
     let sample = [&b"[ "[..], pattern, b" ]"].concat();
@@ -716,9 +722,14 @@ async fn an_update_while_clamd_is_down_is_loaded_once_it_is_back() {
             v["managed_clamd"]["updates"]["updates"] == 1
         })
         .await;
-    // No reload sent to a clamd that is down (none done, none waiting).
+    // No reload sent to a clamd that is down (none done, none waiting):
+    // it is owed.
     assert_eq!(down["signatures"]["reloads"], 0, "{down}");
     assert_eq!(down["signatures"]["reloading"], false, "{down}");
+    assert_eq!(
+        down["managed_clamd"]["updates"]["reload_owed"], true,
+        "{down}"
+    );
 
     // Back up: the owed reload follows by itself.
     std::fs::rename(&hidden, &socket).unwrap();
@@ -731,6 +742,77 @@ async fn an_update_while_clamd_is_down_is_loaded_once_it_is_back() {
     let ready = gw.after_reloads().await;
     assert_eq!(ready["managed_clamd"]["updates"]["updates"], 1, "{ready}");
     assert_owed_reload_done(&ready, 1);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clamd_that_restarts_loads_an_update_it_missed_without_a_reload() {
+    let root = short_tempdir("avg-rst");
+    let pattern = b"avgate update across a restart 3c90";
+    let gate = root.path().join("publish");
+    let script = fake_freshclam(
+        root.path(),
+        &ndb("Avgate-Update-Across-Restart", pattern),
+        Some(&gate),
+    );
+    // The real clamd, behind a switch that keeps it from starting.
+    let blocked = root.path().join("block-clamd");
+    let wrapper = root.path().join("clamd-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n[ -e '{}' ] && exit 1\nexec /usr/sbin/clamd \"$@\"\n",
+            blocked.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cfg = freshclam_config(root.path(), script);
+    cfg.managed.clamd_path = Some(wrapper);
+    cfg.managed.restart_backoff_max = Humantime(Duration::from_secs(1));
+    let gw = Gw::start(cfg).await;
+    let sample = [&b"{ "[..], pattern, b" }"].concat();
+
+    // clamd dies and cannot start again for now.
+    std::fs::write(&blocked, b"").unwrap();
+    let (_, ready) = gw.get("/readyz").await;
+    let pid = ready["managed_clamd"]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    gw.wait_for("/readyz", Duration::from_secs(30), "clamd down", |s, _| {
+        s == 503
+    })
+    .await;
+    // An update arrives meanwhile: owed, not sent.
+    std::fs::write(&gate, b"").unwrap();
+    gw.wait_for("/readyz", Duration::from_secs(30), "an update", |_, v| {
+        v["managed_clamd"]["updates"]["updates"] == 1
+    })
+    .await;
+
+    // clamd may start again: it starts with the update in its directory,
+    // so nothing is left to reload.
+    std::fs::remove_file(&blocked).unwrap();
+    gw.scan_until_found(
+        &sample,
+        "Avgate-Update-Across-Restart.UNOFFICIAL",
+        Duration::from_secs(60),
+    )
+    .await;
+    let ready = gw.after_reloads().await;
+    assert_eq!(ready["signatures"]["reloads"], 0, "{ready}");
+    assert_eq!(
+        ready["managed_clamd"]["updates"]["reload_owed"], false,
+        "{ready}"
+    );
+    assert!(
+        ready["managed_clamd"]["restarts"].as_u64().unwrap() >= 2,
+        "{ready}"
+    );
     gw.stop().await;
 }
 
@@ -789,10 +871,7 @@ async fn a_scheduled_freshclam_update_is_loaded_without_a_restart() {
     let calls = root.path().join("freshclam.calls");
     let script = fake_freshclam(root.path(), &ndb("Avgate-Freshclam-Test", pattern), None);
 
-    let mut cfg = managed_config(root.path());
-    cfg.updates.enabled = Some(true);
-    cfg.updates.freshclam_path = Some(script);
-    cfg.updates.interval = Humantime(Duration::from_secs(2));
+    let mut cfg = freshclam_config(root.path(), script);
     cfg.updates.private_mirror = Some("http://127.0.0.1:9".into());
     let gw = Gw::start(cfg).await;
     let sample = [&b"-- "[..], pattern, b" --"].concat();

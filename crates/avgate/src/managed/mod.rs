@@ -209,10 +209,13 @@ impl ManagedClamd {
     }
 
     pub fn status(&self) -> ManagedStatus {
-        self.status
+        let mut status = self
+            .status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        status.updates.reload_owed = self.reload_owed();
+        status
     }
 
     fn update(&self, f: impl FnOnce(&mut ManagedStatus)) {
@@ -327,6 +330,19 @@ impl ManagedClamd {
         let mut backoff = BACKOFF_START;
         loop {
             self.clean_up_stale().await;
+            // The directory as it is now: a clamd that starts loads the
+            // newest files itself, and an update owed while it was down
+            // needs no reload (nor a second engine's memory) once it is up.
+            let this = self.clone();
+            match tokio::task::spawn_blocking(move || this.sync_database()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "cannot update the managed database directory")
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot update the managed database directory")
+                }
+            }
             let started = Instant::now();
             let mut child = match self.spawn() {
                 Ok(child) => child,

@@ -86,6 +86,9 @@ pub struct UpdatesStatus {
     pub next_check: Option<String>,
     /// freshclam runs that changed the database.
     pub updates: u64,
+    /// A reload is owed: clamd was not up for an update, or a reload could
+    /// not reach it. Sent once clamd is up.
+    pub reload_owed: bool,
 }
 
 impl UpdateMode {
@@ -106,6 +109,7 @@ impl UpdateMode {
             last_result: None,
             next_check: None,
             updates: 0,
+            reload_owed: false,
         }
     }
 }
