@@ -110,6 +110,9 @@ pub struct ManagedClamd {
     /// The files' state clamd was last given, `None` when a reload did not
     /// reach it (see [`ManagedClamd::reload_missed`]).
     synced: Mutex<Option<Fingerprint>>,
+    /// One sync of the directory at a time (a reload's and a start's could
+    /// meet: both would create and remove the same links).
+    syncing: Mutex<()>,
     events: Arc<watch::Sender<ClamdEvent>>,
     status: Mutex<ManagedStatus>,
 }
@@ -199,6 +202,7 @@ impl ManagedClamd {
             max_threads: config.managed.max_threads,
             backoff_max: config.managed.restart_backoff_max.0,
             synced: Mutex::new(Some(layout.fingerprint())),
+            syncing: Mutex::new(()),
             layout,
             update_mode,
             kind: Mutex::new(database),
@@ -248,6 +252,7 @@ impl ManagedClamd {
     /// Re-links the database directory to the current source files (see
     /// [`database`]). Call before reloading clamd.
     pub fn sync_database(&self) -> anyhow::Result<SyncReport> {
+        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|e| e.into_inner());
         // Read the files' state first: a change during the sync is then
         // seen again next time rather than lost.
         let fingerprint = self.layout.fingerprint();
