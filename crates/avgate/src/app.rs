@@ -89,7 +89,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let (backends, stream_max, managed, database) = if external.is_empty() {
         let managed = Arc::new(ManagedClamd::prepare(&config)?);
         let backend = BackendConfig {
-            address: clamd::Address::Unix(managed.socket.clone()),
+            address: managed.address(),
             max_concurrent: managed.max_threads,
         };
         let stream_max = vec![Some(managed.stream_max_length)];

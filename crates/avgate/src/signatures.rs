@@ -133,7 +133,7 @@ impl Signatures {
     ) -> Arc<Signatures> {
         if let Some(m) = &managed {
             // Dates the managed clamd's unsigned database by its files.
-            let address = clamd::Address::Unix(m.socket.clone());
+            let address = m.address();
             for backend in pool.backends().iter().filter(|b| b.address == address) {
                 backend.set_database_dir(Some(m.database_dir().to_path_buf()));
             }
@@ -199,7 +199,7 @@ impl Signatures {
         let Some(m) = &self.managed else {
             return true;
         };
-        let address = clamd::Address::Unix(m.socket.clone());
+        let address = m.address();
         self.pool
             .backends()
             .iter()
@@ -213,19 +213,12 @@ impl Signatures {
         let started = Instant::now();
         let at = clock::rfc3339(clock::now());
         let mut error = None;
-        if let Some(managed) = self.managed.clone() {
-            let synced = tokio::task::spawn_blocking(move || managed.sync_database())
-                .await
-                .unwrap_or_else(|e| Err(anyhow::anyhow!("{e}")));
-            if let Err(e) = synced {
-                tracing::error!(error = %format!("{e:#}"), "cannot update the managed database directory");
+        if let Some(managed) = &self.managed {
+            if let Err(e) = managed.resync().await {
                 error = Some(format!("{e:#}"));
             }
         }
-        let managed_address = self
-            .managed
-            .as_ref()
-            .map(|m| clamd::Address::Unix(m.socket.clone()));
+        let managed_address = self.managed.as_ref().map(|m| m.address());
         let external = self.reload_external.load(Ordering::Relaxed);
         let targets: Vec<&Arc<Backend>> = self
             .pool

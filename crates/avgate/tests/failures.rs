@@ -32,8 +32,7 @@ async fn clamd_stopped_gives_503_error_then_recovers() {
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
 
-    let r = gw.client.get(gw.url("/readyz")).send().await.unwrap();
-    let (status, ready) = json(r).await;
+    let (status, ready) = gw.readyz().await;
     assert_eq!(status, 503);
     assert_eq!(ready["backends"][0]["state"], "down");
 
@@ -111,7 +110,7 @@ async fn a_backend_dying_mid_stream_is_retried_elsewhere_when_replayable() {
     gw.wait_ready(Duration::from_secs(10)).await;
     // Wait until both backends are up, so the first scan may go to either.
     for _ in 0..100 {
-        let (_, ready) = json(gw.client.get(gw.url("/readyz")).send().await.unwrap()).await;
+        let (_, ready) = gw.readyz().await;
         if ready["backends"]
             .as_array()
             .unwrap()
@@ -194,7 +193,7 @@ async fn killing_one_of_two_backends_under_load_loses_no_answer() {
         wrong.len(),
         wrong.join("\n")
     );
-    let (_, ready) = json(gw.client.get(gw.url("/readyz")).send().await.unwrap()).await;
+    let (_, ready) = gw.readyz().await;
     assert_eq!(ready["backends"][0]["state"], "down", "{ready}");
     assert_eq!(ready["backends"][1]["state"], "up", "{ready}");
     drop(b);
@@ -287,7 +286,7 @@ async fn overload_is_refused_with_503_not_queued_without_bound() {
 
 /// Scans in flight on the first backend, as /readyz reports them.
 async fn backend_in_flight(gw: &Gateway) -> u64 {
-    let (_, ready) = json(gw.client.get(gw.url("/readyz")).send().await.unwrap()).await;
+    let (_, ready) = gw.readyz().await;
     ready["backends"][0]["in_flight"]
         .as_u64()
         .unwrap_or_else(|| panic!("no in_flight in {ready}"))

@@ -221,8 +221,7 @@ async fn an_ignore_applied_inside_the_managed_clamd_never_hides_another_finding(
     assert_eq!(probe["signature"], "avgate.ReadinessProbe.UNOFFICIAL");
     assert_eq!(probe["policy"]["applied"], false);
     tokio::time::sleep(Duration::from_secs(1)).await; // a few health probes
-    let ready = gw.client.get(gw.url("/readyz")).send().await.unwrap();
-    assert_eq!(ready.status(), 200);
+    assert_eq!(gw.readyz().await.0, 200);
 
     // A restart: the files are written before clamd starts, so the first
     // scan already has the ignore applied.
@@ -317,15 +316,7 @@ async fn allow_and_block_by_sha256_change_verdicts_at_once_and_expire() {
     assert_eq!(allowed["status"], "OK", "{allowed}");
     assert_eq!(allowed["policy"]["id"], allow["id"]);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        gw.client
-            .get(gw.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(gw.readyz().await.0, 200);
 
     // Removing the block entry: OK again at once.
     remove(&gw, &token, block["id"].as_str().unwrap()).await;

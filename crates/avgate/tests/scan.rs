@@ -439,7 +439,7 @@ async fn health_and_version_endpoints() {
     let gw = Gateway::start(config(&[clamd.address()])).await;
     let r = gw.client.get(gw.url("/healthz")).send().await.unwrap();
     assert_eq!(json(r).await, (200, serde_json::json!({"status": "alive"})));
-    let (status, ready) = json(gw.client.get(gw.url("/readyz")).send().await.unwrap()).await;
+    let (status, ready) = gw.readyz().await;
     assert_eq!(status, 200);
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["backends"][0]["state"], "up");

@@ -166,8 +166,7 @@ async fn a_clamd_that_refuses_descriptors_still_scans_every_file() {
 
     // Tried once, then never again for this backend, which says so.
     assert_eq!(seen.fildes.load(Ordering::SeqCst), 1);
-    let r = gw.client.get(gw.url("/readyz")).send().await.unwrap();
-    let (_, ready) = json(r).await;
+    let (_, ready) = gw.readyz().await;
     assert_eq!(ready["backends"][0]["fd_passing"], false, "{ready}");
     assert_eq!(logged(&log, &format!("{BY_STREAM}OK"), 2).await, 2);
     assert_eq!(logged(&log, BY_FD, 0).await, 0);
@@ -210,8 +209,7 @@ async fn a_session_clamd_closed_while_idle_is_replaced_not_an_error() {
     gw.scan_expecting("eicar.com", EICAR.to_vec(), "FOUND")
         .await;
     // The backend was never taken for down.
-    let r = gw.client.get(gw.url("/readyz")).send().await.unwrap();
-    let (status, ready) = json(r).await;
+    let (status, ready) = gw.readyz().await;
     assert_eq!(status, 200, "{ready}");
     assert_eq!(ready["backends"][0]["state"], "up");
     gw.stop().await;

@@ -280,6 +280,24 @@ impl ManagedClamd {
         Ok(report)
     }
 
+    /// clamd's address, as the pool knows the backend.
+    pub fn address(&self) -> clamd::Address {
+        clamd::Address::Unix(self.socket.clone())
+    }
+
+    /// [`ManagedClamd::sync_database`] off the async threads; a failure is
+    /// logged here and returned.
+    pub async fn resync(self: &Arc<Self>) -> anyhow::Result<SyncReport> {
+        let this = self.clone();
+        let synced = tokio::task::spawn_blocking(move || this.sync_database())
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("{e}")));
+        if let Err(e) = &synced {
+            tracing::error!(error = %format!("{e:#}"), "cannot update the managed database directory");
+        }
+        synced
+    }
+
     /// The database files' state now.
     pub fn fingerprint(&self) -> Fingerprint {
         self.layout.fingerprint()
@@ -338,16 +356,8 @@ impl ManagedClamd {
             // The directory as it is now: a clamd that starts loads the
             // newest files itself, and an update owed while it was down
             // needs no reload (nor a second engine's memory) once it is up.
-            let this = self.clone();
-            match tokio::task::spawn_blocking(move || this.sync_database()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(error = %format!("{e:#}"), "cannot update the managed database directory")
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot update the managed database directory")
-                }
-            }
+            // (A failure is logged; clamd starts with the directory as it is.)
+            let _ = self.resync().await;
             let started = Instant::now();
             let mut child = match self.spawn() {
                 Ok(child) => child,

@@ -357,7 +357,7 @@ impl Policy {
                 report = target.signatures.reload("policy") => report,
                 _ = stop.cancelled() => return,
             };
-            let socket = clamd::Address::Unix(target.managed.socket.clone()).to_string();
+            let socket = target.managed.address().to_string();
             let outcome = report.backends.iter().find(|b| b.backend == socket);
             match outcome {
                 Some(b) if b.outcome != "failed" => {

@@ -423,8 +423,7 @@ impl ClamavScan {
 /// pages) cost a small scan more than writing the next file over it.
 #[derive(Default)]
 struct MemoryFiles {
-    /// Each with its size.
-    idle: std::sync::Mutex<Vec<(std::fs::File, u64)>>,
+    idle: std::sync::Mutex<Vec<MemoryFile>>,
 }
 
 /// A file for one scan, with its size.
@@ -448,9 +447,12 @@ impl MemoryFiles {
     fn take(&self, chunks: &[Bytes]) -> std::io::Result<MemoryFile> {
         use std::os::unix::fs::FileExt;
         let kept = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let (file, old_len) = match kept {
+        let MemoryFile { file, len: old_len } = match kept {
             Some(kept) => kept,
-            None => (memory_file()?, 0),
+            None => MemoryFile {
+                file: memory_file()?,
+                len: 0,
+            },
         };
         let mut len = 0u64;
         for chunk in chunks {
@@ -471,7 +473,7 @@ impl MemoryFiles {
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MEMORY_FILES_KEPT {
-            idle.push((file.file, file.len));
+            idle.push(file);
         }
     }
 }

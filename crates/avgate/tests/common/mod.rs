@@ -248,6 +248,11 @@ impl Gateway {
         }
     }
 
+    /// `GET /readyz`: status and JSON.
+    pub async fn readyz(&self) -> (u16, serde_json::Value) {
+        json(self.client.get(self.url("/readyz")).send().await.unwrap()).await
+    }
+
     /// POSTs one file as multipart field `file`; returns status and JSON.
     pub async fn scan(&self, filename: &str, data: Vec<u8>) -> (u16, serde_json::Value) {
         post_file(&self.client, &self.url("/v1/scan"), filename, data).await
