@@ -415,8 +415,10 @@ impl Queue {
     /// those that no healthy backend is left for; drops those that gave
     /// up. A lease whose waiter gave up at that very moment is put in
     /// `undelivered`: the caller drops it once the lock is released, which
-    /// frees its slot for the next waiter.
-    fn serve(self: &Arc<Self>, waiters: &mut Waiters, undelivered: &mut Vec<Lease>) {
+    /// frees its slot for the next waiter. Returns whether a waiter was
+    /// given a slot.
+    fn serve(self: &Arc<Self>, waiters: &mut Waiters, undelivered: &mut Vec<Lease>) -> bool {
+        let mut served = false;
         // Once a waiter that excludes nothing finds no slot, no other such
         // waiter can find one: skip them.
         let mut full = false;
@@ -441,25 +443,33 @@ impl Queue {
                 Pick::Lease(lease) => Ok(lease),
             };
             let waiter = waiters.queue.remove(i).expect("the waiter is there");
-            if let Err(Ok(lease)) = waiter.answer.send(answer) {
-                lease.backend.scans.fetch_sub(1, Ordering::Relaxed);
-                undelivered.push(lease);
+            let leased = answer.is_ok();
+            match waiter.answer.send(answer) {
+                Err(Ok(lease)) => {
+                    lease.backend.scans.fetch_sub(1, Ordering::Relaxed);
+                    undelivered.push(lease);
+                }
+                Ok(()) => served |= leased,
+                Err(Err(_)) => {}
             }
         }
+        served
     }
 
     /// Serves the waiters: a slot was freed or a backend's health changed.
-    fn dispatch(self: &Arc<Self>) {
+    /// Returns whether a waiter was given a slot.
+    fn dispatch(self: &Arc<Self>) -> bool {
         let mut undelivered = Vec::new();
-        {
+        let served = {
             let mut waiters = self.lock();
             if waiters.queue.is_empty() {
-                return;
+                return false;
             }
-            self.serve(&mut waiters, &mut undelivered);
-        }
+            self.serve(&mut waiters, &mut undelivered)
+        };
         // Outside the lock: each drop frees its slot and dispatches again.
         drop(undelivered);
+        served
     }
 }
 
@@ -701,12 +711,30 @@ impl Lease {
     }
 }
 
-impl Drop for Lease {
-    fn drop(&mut self) {
+impl Lease {
+    /// Frees the slot now, and says whether a waiter was given it. A caller
+    /// that gets `true` should let that waiter run before going on (yield):
+    /// the waiter's scan then reaches clamd while the caller builds its
+    /// answer, instead of after it, and clamd's thread does not sit idle
+    /// meanwhile.
+    pub fn release(mut self) -> bool {
+        self.free()
+    }
+
+    fn free(&mut self) -> bool {
+        let Some(permit) = self.permit.take() else {
+            return false;
+        };
         self.backend.in_flight.fetch_sub(1, Ordering::Relaxed);
         // The slot is free before the oldest waiter is given it.
-        drop(self.permit.take());
-        self.queue.dispatch();
+        drop(permit);
+        self.queue.dispatch()
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.free();
     }
 }
 
@@ -842,6 +870,32 @@ mod tests {
         }
         assert_eq!(pool.backends()[0].in_flight(), 0);
         assert!(pool.acquire(Duration::ZERO, &[]).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn release_says_whether_a_waiter_got_the_slot() {
+        let pool = pool_of(1, 1);
+        pool.backends()[0].set_health(Health::Up);
+        let lease = pool.acquire(Duration::ZERO, &[]).await.unwrap();
+        assert!(!lease.release(), "nobody waited");
+        assert_eq!(pool.backends()[0].in_flight(), 0);
+
+        let held = pool.acquire(Duration::ZERO, &[]).await.unwrap();
+        let waiting = pool.clone();
+        let waiter =
+            tokio::spawn(async move { waiting.acquire(Duration::from_secs(10), &[]).await });
+        while pool.queue.lock().queue.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        assert!(held.release(), "the waiter was given the slot");
+        let lease = waiter.await.unwrap().unwrap();
+        assert_eq!(
+            pool.backends()[0].in_flight(),
+            1,
+            "counted once, not freed twice"
+        );
+        drop(lease);
+        assert_eq!(pool.backends()[0].in_flight(), 0);
     }
 
     #[tokio::test]
