@@ -293,6 +293,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         backends = ?pool.backends().iter().map(|b| b.address.to_string()).collect::<Vec<_>>(),
         database = database.as_str(),
         max_size = %config.max_size,
+        worker_threads = config.runtime_workers(),
         "avgate is listening"
     );
     Ok(Running {

@@ -31,7 +31,11 @@ fn main() -> ExitCode {
                 }
             };
             avgate::cli::init_logging(config.log_format, config.log_level.as_deref());
-            let runtime = match tokio::runtime::Runtime::new() {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.runtime_workers())
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("avgate: cannot start the async runtime: {e}");

@@ -88,6 +88,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         max_field_size,
         max_concurrent_scans,
         max_connections,
+        worker_threads,
         replay_buffer,
         header_timeout,
         shutdown_timeout,
