@@ -505,7 +505,7 @@ impl Config {
     /// fraction of clamd's (a third of it for a small file, a tenth for a
     /// large one), and clamd usually runs on the same machine: threads
     /// beyond that only compete with clamd's for the CPUs. On 2 CPUs, one
-    /// worker instead of two took 15-20 % less avgate CPU per small scan
+    /// worker instead of two took 10-20 % less avgate CPU per small scan
     /// and served about 5 % more of them at 32 clients (docs/performance.md).
     pub fn runtime_workers(&self) -> usize {
         if self.worker_threads > 0 {
