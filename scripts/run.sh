@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh run
 cargo build --release --locked -p avgate
-exec target/release/avgate serve "$@"
+# Where cargo put it: CARGO_TARGET_DIR, when set, moves the build.
+exec "${CARGO_TARGET_DIR:-target}/release/avgate" serve "$@"
