@@ -709,9 +709,7 @@ impl Lease {
             idle.push(session);
         }
     }
-}
 
-impl Lease {
     /// Frees the slot now, and says whether a waiter was given it. A caller
     /// that gets `true` should let that waiter run before going on (yield):
     /// the waiter's scan then reaches clamd while the caller builds its

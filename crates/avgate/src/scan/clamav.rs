@@ -389,7 +389,7 @@ impl ClamavScan {
         self.start_stream().await
     }
 
-    /// clamd's reply, reported; the slot is freed first. When a waiting
+    /// clamd's reply, reported; then the slot is freed. When a waiting
     /// scan was given the slot, this task yields, so that the waiter's
     /// command reaches clamd before this task writes its answer. Without
     /// it, tokio runs the woken waiter only after this task's next
