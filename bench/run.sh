@@ -21,7 +21,11 @@
 # AVGATE_LOG (info, as deployed; avgate's log goes to a file),
 # IDLE_WAIT_SECS (60: how long to wait for other processes to leave the
 # CPUs alone before measuring; it goes on with a warning after that).
-# Takes 2.5-4 minutes on 2 cores once built (see docs/performance.md).
+# RESULTS_FILE (none): append this run's results to FILE, which is kept;
+# the summary then covers every run in it and adds figures pooled over
+# them (the median of every round), steadier than one run's on a shared
+# machine. Example: for i in 1 2 3; do RESULTS_FILE=/tmp/r.tsv bench/run.sh; done
+# Takes 4-6 minutes on 2 cores once built (see docs/performance.md).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -144,7 +148,7 @@ start_avgate() {
     echo "== avgate pid $AVGATE_PID listening on $URL (AVGATE_LOG=$AVGATE_LOG)"
 }
 
-RESULTS=$WORK/results.tsv
+RESULTS=${RESULTS_FILE:-$WORK/results.tsv}
 COMMON=(--url "$URL" --clamd "unix:$SOCKET" --token-file "$WORK/token" --results "$RESULTS")
 
 start_avgate
