@@ -133,7 +133,15 @@ impl ServeArgs {
 /// Sets up logging: JSON lines for machines, text for a terminal.
 /// The filter (env-filter syntax) is `AVGATE_LOG` when set, else `level`
 /// (the `log_level` key), else `info`; [`set_log_level`] changes it later.
-pub fn init_logging(format: LogFormat, level: Option<&str>) {
+/// Lines go to standard output, `info` ones gathered for up to
+/// `flush_interval` ([`crate::logout`]): flush the returned output before
+/// the process ends.
+pub fn init_logging(
+    format: LogFormat,
+    level: Option<&str>,
+    flush_interval: std::time::Duration,
+) -> crate::logout::LogOutput {
+    let output = crate::logout::LogOutput::stdout(flush_interval);
     let filter = tracing_subscriber::EnvFilter::try_from_env("AVGATE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level.unwrap_or("info")))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -142,7 +150,9 @@ pub fn init_logging(format: LogFormat, level: Option<&str>) {
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stdout().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(output.clone());
     if json {
         let builder = builder
             .fmt_fields(crate::logfmt::JsonFieldList)
@@ -161,6 +171,7 @@ pub fn init_logging(format: LogFormat, level: Option<&str>) {
         }));
         builder.init();
     }
+    output
 }
 
 type SetFilter = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;

@@ -64,6 +64,9 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     /// `auto` (JSON unless stdout is a terminal), `json` or `text`.
     pub log_format: LogFormat,
+    /// How long an `info` log line may wait to be written with others
+    /// (warnings and errors never wait); 0 writes each line at once.
+    pub log_flush_interval: Humantime,
     pub clamd: ClamdConfig,
     pub managed: ManagedConfig,
     pub auth: AuthConfig,
@@ -419,6 +422,7 @@ impl Default for Config {
             network: NetworkConfig::default(),
             rate_limit: RateLimitConfig::default(),
             log_format: LogFormat::Auto,
+            log_flush_interval: Humantime(Duration::from_millis(100)),
             clamd: ClamdConfig::default(),
             managed: ManagedConfig::default(),
             auth: AuthConfig::default(),
@@ -956,6 +960,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.runtime_workers(), 3);
+    }
+
+    #[test]
+    fn log_lines_wait_100ms_by_default_and_0_writes_each_at_once() {
+        let c = Config::load(None, vec![], &Overrides::default()).unwrap();
+        assert_eq!(c.log_flush_interval.0, Duration::from_millis(100));
+        let c = Config::load(
+            None,
+            env(&[("AVGATE_LOG_FLUSH_INTERVAL", "0")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.log_flush_interval.0, Duration::ZERO);
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod logfmt;
+pub mod logout;
 pub mod managed;
 pub mod metrics;
 pub mod perimeter;

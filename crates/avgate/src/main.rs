@@ -30,7 +30,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            avgate::cli::init_logging(config.log_format, config.log_level.as_deref());
+            let log = avgate::cli::init_logging(
+                config.log_format,
+                config.log_level.as_deref(),
+                config.log_flush_interval.0,
+            );
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.runtime_workers())
                 .enable_all()
@@ -42,14 +46,17 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(args, config)) {
+            let code = match runtime.block_on(serve(args, config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
                     eprintln!("avgate: {e:#}");
                     ExitCode::FAILURE
                 }
-            }
+            };
+            drop(runtime);
+            log.flush();
+            code
         }
     }
 }

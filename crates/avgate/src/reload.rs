@@ -98,6 +98,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
         network,
         rate_limit,
         log_format,
+        log_flush_interval,
         clamd,
         managed,
         auth,

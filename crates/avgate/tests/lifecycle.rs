@@ -182,7 +182,14 @@ async fn sighup_reloads_configuration_and_signatures_without_dropping_a_request(
     assert_eq!(stale["managed_clamd"]["restarts"], 0);
 
     // The new log level applies too: debug lines after the reload.
-    let lines = server.log_lines();
+    let lines = server
+        .log_lines_when(Duration::from_secs(10), |lines| {
+            lines
+                .iter()
+                .skip_while(|l| l["message"] != "configuration reloaded")
+                .any(|l| l["level"] == "DEBUG")
+        })
+        .await;
     let reloaded = lines
         .iter()
         .position(|l| l["message"] == "configuration reloaded")

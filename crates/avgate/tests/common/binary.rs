@@ -215,6 +215,28 @@ impl Server {
             .collect()
     }
 
+    /// The log once `done` holds for it: `info` lines reach the log up to
+    /// `log_flush_interval` after they happen.
+    pub async fn log_lines_when(
+        &self,
+        limit: Duration,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let lines = self.log_lines();
+            if done(&lines) {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the log did not get there in {limit:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Everything written to stderr, with [`ServerBuilder::stderr_to_file`].
     pub fn stderr_text(&self) -> String {
         std::fs::read_to_string(&self.stderr_log).unwrap()

@@ -1,0 +1,269 @@
+//! Where log lines go: standard output, gathered and written in batches.
+//!
+//! A scan logs two `info` lines. Written one `write` each, they cost two
+//! system calls per request on the path that answers the client, more
+//! than the formatting does. Like nginx's `access_log ... buffer= flush=`,
+//! `info` and below are kept for at most `flush_interval` and written
+//! together; a warning or an error writes everything gathered so far and
+//! itself at once, so lines keep their order and problems show up without
+//! delay. The buffer is written when it passes [`MAX_BUFFERED`] and when
+//! the process ends normally ([`LogOutput::flush`]). An interval of zero
+//! writes every line at once.
+
+use std::io::{self, Write};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tracing::{Level, Metadata};
+use tracing_subscriber::fmt::MakeWriter;
+
+/// Past this many bytes gathered, they are written without waiting.
+pub const MAX_BUFFERED: usize = 64 * 1024;
+
+/// The log output: cheap to clone, shared by the subscriber and `main`.
+#[derive(Clone)]
+pub struct LogOutput {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    lines: Mutex<Vec<u8>>,
+    /// Told when the first line lands in an empty buffer.
+    pending: Condvar,
+    interval: Duration,
+    out: Sink,
+}
+
+/// Where gathered bytes go: standard output, or a test's capture.
+type Sink = Box<dyn Fn(&[u8]) + Send + Sync>;
+
+impl LogOutput {
+    /// Lines to standard output; `interval` is how long an `info` line may
+    /// wait (zero: not at all).
+    pub fn stdout(interval: Duration) -> LogOutput {
+        LogOutput::new(interval, |bytes| {
+            // Nothing sensible to do when standard output is gone.
+            let _ = io::stdout().lock().write_all(bytes);
+        })
+    }
+
+    fn new(interval: Duration, out: impl Fn(&[u8]) + Send + Sync + 'static) -> LogOutput {
+        let mut shared = Arc::new(Shared {
+            lines: Mutex::new(Vec::new()),
+            pending: Condvar::new(),
+            interval,
+            out: Box::new(out),
+        });
+        if !interval.is_zero() {
+            let flusher = Arc::downgrade(&shared);
+            // A plain thread, not a task: it must also run while the async
+            // runtime starts and stops, and it sleeps unless lines wait.
+            let spawned = std::thread::Builder::new()
+                .name("avgate-log".into())
+                .spawn(move || loop {
+                    let Some(shared) = flusher.upgrade() else {
+                        return;
+                    };
+                    let lines = shared.lock();
+                    let lines = shared
+                        .pending
+                        .wait_while(lines, |l| l.is_empty())
+                        .unwrap_or_else(|e| e.into_inner());
+                    drop(lines);
+                    std::thread::sleep(shared.interval);
+                    shared.write_out(&mut shared.lock());
+                });
+            if spawned.is_err() {
+                // Without the thread nothing would write the buffer: write
+                // each line at once instead. (The failed closure and its
+                // weak reference are gone, so the Arc is ours alone.)
+                if let Some(shared) = Arc::get_mut(&mut shared) {
+                    shared.interval = Duration::ZERO;
+                }
+            }
+        }
+        LogOutput { shared }
+    }
+
+    /// Writes what is gathered. Called before the process exits.
+    pub fn flush(&self) {
+        self.shared.write_out(&mut self.shared.lock());
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
+        // A panic while holding the lock leaves bytes, not broken state.
+        self.lines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_out(&self, lines: &mut Vec<u8>) {
+        if !lines.is_empty() {
+            (self.out)(lines);
+            lines.clear();
+            if lines.capacity() > 4 * MAX_BUFFERED {
+                lines.shrink_to(MAX_BUFFERED);
+            }
+        }
+    }
+}
+
+/// One line on its way: the subscriber formats a whole line, then writes
+/// it with one `write_all`.
+pub struct LineWriter<'a> {
+    shared: &'a Shared,
+    urgent: bool,
+}
+
+impl Write for LineWriter<'_> {
+    fn write(&mut self, line: &[u8]) -> io::Result<usize> {
+        let shared = self.shared;
+        let mut lines = shared.lock();
+        let was_empty = lines.is_empty();
+        lines.extend_from_slice(line);
+        if self.urgent || shared.interval.is_zero() || lines.len() >= MAX_BUFFERED {
+            // Under the lock, so that lines leave in the order they came.
+            shared.write_out(&mut lines);
+        } else if was_empty {
+            shared.pending.notify_one();
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogOutput {
+    type Writer = LineWriter<'a>;
+
+    fn make_writer(&'a self) -> LineWriter<'a> {
+        LineWriter {
+            shared: &self.shared,
+            urgent: true,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> LineWriter<'a> {
+        LineWriter {
+            shared: &self.shared,
+            // tracing orders levels by verbosity: ERROR < WARN < INFO.
+            urgent: *meta.level() <= Level::WARN,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn capture(interval: Duration) -> (LogOutput, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let seen = writes.clone();
+        let out = LogOutput::new(interval, move |b| seen.lock().unwrap().push(b.to_vec()));
+        (out, writes)
+    }
+
+    fn info_line(out: &LogOutput, text: &str) {
+        let mut w = LineWriter {
+            shared: &out.shared,
+            urgent: false,
+        };
+        w.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn warn_line(out: &LogOutput, text: &str) {
+        let mut w = LineWriter {
+            shared: &out.shared,
+            urgent: true,
+        };
+        w.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn wait_for(writes: &Mutex<Vec<Vec<u8>>>, n: usize) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let w = writes.lock().unwrap().clone();
+            if w.len() >= n || Instant::now() > deadline {
+                return w;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn info_lines_are_written_together_after_the_interval() {
+        let (out, writes) = capture(Duration::from_millis(50));
+        info_line(&out, "a\n");
+        info_line(&out, "b\n");
+        assert!(
+            writes.lock().unwrap().is_empty(),
+            "written before the interval"
+        );
+        let w = wait_for(&writes, 1);
+        assert_eq!(w, vec![b"a\nb\n".to_vec()], "one write with both lines");
+    }
+
+    #[test]
+    fn a_warning_writes_what_waits_and_itself_in_order() {
+        let (out, writes) = capture(Duration::from_secs(3600));
+        info_line(&out, "request\n");
+        warn_line(&out, "trouble\n");
+        assert_eq!(
+            *writes.lock().unwrap(),
+            vec![b"request\ntrouble\n".to_vec()]
+        );
+    }
+
+    #[test]
+    fn flush_and_a_full_buffer_write_without_waiting() {
+        let (out, writes) = capture(Duration::from_secs(3600));
+        info_line(&out, "last words\n");
+        out.flush();
+        assert_eq!(*writes.lock().unwrap(), vec![b"last words\n".to_vec()]);
+        let long = "x".repeat(MAX_BUFFERED);
+        info_line(&out, &long);
+        assert_eq!(writes.lock().unwrap().len(), 2, "a full buffer is written");
+    }
+
+    #[test]
+    fn an_interval_of_zero_writes_each_line_at_once() {
+        let (out, writes) = capture(Duration::ZERO);
+        info_line(&out, "a\n");
+        info_line(&out, "b\n");
+        assert_eq!(
+            *writes.lock().unwrap(),
+            vec![b"a\n".to_vec(), b"b\n".to_vec()]
+        );
+    }
+
+    #[test]
+    fn warnings_are_urgent_and_info_lines_wait() {
+        let (out, writes) = capture(Duration::from_secs(3600));
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(out.clone())
+            .with_ansi(false)
+            .without_time()
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!("scanned");
+            assert!(writes.lock().unwrap().is_empty(), "an info line waits");
+            tracing::warn!("backend down");
+        });
+        let w = writes.lock().unwrap();
+        assert_eq!(w.len(), 1);
+        let text = String::from_utf8_lossy(&w[0]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].contains("INFO") && lines[0].contains("scanned"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("WARN") && lines[1].contains("backend down"),
+            "{text}"
+        );
+    }
+}
