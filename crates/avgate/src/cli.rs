@@ -134,13 +134,13 @@ impl ServeArgs {
 /// The filter (env-filter syntax) is `AVGATE_LOG` when set, else `level`
 /// (the `log_level` key), else `info`; [`set_log_level`] changes it later.
 /// Lines go to standard output, `info` ones gathered for up to
-/// `flush_interval` ([`crate::logout`]): flush the returned output before
-/// the process ends.
+/// `flush_interval` ([`crate::logout`]); the returned guard writes what
+/// waits when dropped, so keep it until the process ends.
 pub fn init_logging(
     format: LogFormat,
     level: Option<&str>,
     flush_interval: std::time::Duration,
-) -> crate::logout::LogOutput {
+) -> crate::logout::FlushOnDrop {
     let output = crate::logout::LogOutput::stdout(flush_interval);
     let filter = tracing_subscriber::EnvFilter::try_from_env("AVGATE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level.unwrap_or("info")))
@@ -171,7 +171,7 @@ pub fn init_logging(
         }));
         builder.init();
     }
-    output
+    output.flush_on_drop()
 }
 
 type SetFilter = Box<dyn Fn(tracing_subscriber::EnvFilter) -> Result<(), String> + Send + Sync>;

@@ -7,7 +7,7 @@
 //! together; a warning or an error writes everything gathered so far and
 //! itself at once, so lines keep their order and problems show up without
 //! delay. The buffer is written when it passes [`MAX_BUFFERED`] and when
-//! the process ends normally ([`LogOutput::flush`]). An interval of zero
+//! the process ends ([`LogOutput::flush_on_drop`]). An interval of zero
 //! writes every line at once.
 
 use std::io::{self, Write};
@@ -55,28 +55,26 @@ impl LogOutput {
             out: Box::new(out),
         });
         if !interval.is_zero() {
-            let flusher = Arc::downgrade(&shared);
+            let flusher = shared.clone();
             // A plain thread, not a task: it must also run while the async
-            // runtime starts and stops, and it sleeps unless lines wait.
+            // runtime starts and stops, and it sleeps unless lines wait. It
+            // lives as long as the process, like the log itself.
             let spawned = std::thread::Builder::new()
                 .name("avgate-log".into())
                 .spawn(move || loop {
-                    let Some(shared) = flusher.upgrade() else {
-                        return;
-                    };
-                    let lines = shared.lock();
-                    let lines = shared
+                    let lines = flusher.lock();
+                    let lines = flusher
                         .pending
                         .wait_while(lines, |l| l.is_empty())
                         .unwrap_or_else(|e| e.into_inner());
                     drop(lines);
-                    std::thread::sleep(shared.interval);
-                    shared.write_out(&mut shared.lock());
+                    std::thread::sleep(flusher.interval);
+                    flusher.write_out(&mut flusher.lock());
                 });
             if spawned.is_err() {
                 // Without the thread nothing would write the buffer: write
                 // each line at once instead. (The failed closure and its
-                // weak reference are gone, so the Arc is ours alone.)
+                // clone are gone, so the Arc is ours alone.)
                 if let Some(shared) = Arc::get_mut(&mut shared) {
                     shared.interval = Duration::ZERO;
                 }
@@ -85,9 +83,24 @@ impl LogOutput {
         LogOutput { shared }
     }
 
-    /// Writes what is gathered. Called before the process exits.
+    /// Writes what is gathered.
     pub fn flush(&self) {
         self.shared.write_out(&mut self.shared.lock());
+    }
+
+    /// A guard that writes what is gathered when it is dropped, also when
+    /// `main` unwinds from a panic: keep it for the life of the process.
+    pub fn flush_on_drop(&self) -> FlushOnDrop {
+        FlushOnDrop(self.clone())
+    }
+}
+
+/// See [`LogOutput::flush_on_drop`].
+pub struct FlushOnDrop(LogOutput);
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        self.0.flush();
     }
 }
 
@@ -221,7 +234,7 @@ mod tests {
     fn flush_and_a_full_buffer_write_without_waiting() {
         let (out, writes) = capture(Duration::from_secs(3600));
         info_line(&out, "last words\n");
-        out.flush();
+        drop(out.flush_on_drop());
         assert_eq!(*writes.lock().unwrap(), vec![b"last words\n".to_vec()]);
         let long = "x".repeat(MAX_BUFFERED);
         info_line(&out, &long);

@@ -30,7 +30,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let log = avgate::cli::init_logging(
+            // Declared before the runtime, so dropped after it: the lines
+            // of the shutdown are written too.
+            let _log = avgate::cli::init_logging(
                 config.log_format,
                 config.log_level.as_deref(),
                 config.log_flush_interval.0,
@@ -55,7 +57,6 @@ fn main() -> ExitCode {
                 }
             };
             drop(runtime);
-            log.flush();
             code
         }
     }

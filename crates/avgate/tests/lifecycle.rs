@@ -1,5 +1,6 @@
 //! Signals, against the real `avgate serve` binary with its managed clamd:
-//! SIGTERM while an upload is in flight, SIGHUP while one is in flight.
+//! SIGTERM while an upload is in flight (and the log lines written at
+//! exit), SIGHUP while one is in flight.
 
 mod common;
 
@@ -14,8 +15,12 @@ use serde_json::Value;
 
 /// The binary without tokens, with the configuration file `config` if
 /// any; without one, no freshclam (no mirror is reachable from the tests).
-fn start(config: Option<&str>) -> Server {
-    let server = Server::builder("avg-life")
+fn start(config: Option<&str>, env: &[(&str, &str)]) -> Server {
+    let mut server = Server::builder("avg-life");
+    for (key, value) in env {
+        server = server.env(key, value);
+    }
+    let server = server
         .env("AVGATE_AUTH__REQUIRED", "false")
         .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
         .env_remove("AVGATE_LOG");
@@ -76,13 +81,24 @@ const CHUNKS: usize = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_upload_in_flight_finish_then_exits_0() {
-    let mut server = start(None);
+    // info lines wait for up to an hour here: only the exit writes them.
+    let mut server = start(None, &[("AVGATE_LOG_FLUSH_INTERVAL", "1h")]);
     let ready = server.wait_ready(Duration::from_secs(60)).await;
     let clamd_pid = ready["managed_clamd"]["pid"].as_i64().unwrap();
 
     let sent = Arc::new(AtomicUsize::new(0));
     let upload = slow_upload(&server, CHUNKS, sent.clone());
     wait_in_flight(&server).await;
+    // An info line (this request's) waits rather than being written.
+    let version = server.client.get(server.url("/version")).send().await;
+    assert_eq!(version.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let route_seen = |lines: &[Value]| lines.iter().any(|l| l["route"] == "/version");
+    assert!(
+        !route_seen(&server.log_lines()),
+        "an info line was written before its interval:\n{}",
+        server.log_text()
+    );
     server.signal(Signal::SIGTERM);
 
     // New connections are refused at once, while the upload goes on.
@@ -113,13 +129,25 @@ async fn sigterm_lets_an_upload_in_flight_finish_then_exits_0() {
     let status = server.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "{status:?}");
     assert!(!alive(clamd_pid), "the managed clamd outlived avgate");
+
+    // The exit wrote what waited, the last line last.
+    let lines = server.log_lines();
+    assert!(route_seen(&lines), "the request line was lost");
+    let scanned = lines
+        .iter()
+        .find(|l| l["message"] == "scanned")
+        .unwrap_or_else(|| panic!("the scan's line was lost:\n{}", server.log_text()));
+    assert_eq!(scanned["filename"], "slow.bin");
+    assert_eq!(scanned["status"], "FOUND");
+    assert_eq!(lines.last().unwrap()["message"], "stopped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_configuration_and_signatures_without_dropping_a_request() {
-    let mut server = start(Some(
-        "max_database_age = \"3d\"\nlog_level = \"info\"\n[updates]\nenabled = false\n",
-    ));
+    let mut server = start(
+        Some("max_database_age = \"3d\"\nlog_level = \"info\"\n[updates]\nenabled = false\n"),
+        &[],
+    );
     let ready = server.wait_ready(Duration::from_secs(60)).await;
     let clamd_pid = ready["managed_clamd"]["pid"].as_i64().unwrap();
 
