@@ -4,8 +4,8 @@
 //! system calls per request on the path that answers the client, more
 //! than the formatting does. Like nginx's `access_log ... buffer= flush=`,
 //! `info` and below are kept for at most `flush_interval` and written
-//! together; a warning or an error writes everything gathered so far and
-//! itself at once, so lines keep their order and problems show up without
+//! together; a warning, an error or an audit line (target `audit`) writes
+//! everything gathered so far and itself at once, so lines keep their order and problems show up without
 //! delay. The buffer is written when it passes [`MAX_BUFFERED`] and when
 //! the process ends ([`LogOutput::flush_on_drop`]). An interval of zero
 //! writes every line at once.
@@ -162,7 +162,8 @@ impl<'a> MakeWriter<'a> for LogOutput {
         LineWriter {
             shared: &self.shared,
             // tracing orders levels by verbosity: ERROR < WARN < INFO.
-            urgent: *meta.level() <= Level::WARN,
+            // The audit trail is rare and worth not losing to a SIGKILL.
+            urgent: *meta.level() <= Level::WARN || meta.target() == "audit",
         }
     }
 }
@@ -253,7 +254,7 @@ mod tests {
     }
 
     #[test]
-    fn warnings_are_urgent_and_info_lines_wait() {
+    fn warnings_and_audit_lines_are_urgent_and_info_lines_wait() {
         let (out, writes) = capture(Duration::from_secs(3600));
         let subscriber = tracing_subscriber::fmt()
             .with_writer(out.clone())
@@ -264,19 +265,24 @@ mod tests {
             tracing::info!("scanned");
             assert!(writes.lock().unwrap().is_empty(), "an info line waits");
             tracing::warn!("backend down");
+            tracing::info!("scanned");
+            assert_eq!(writes.lock().unwrap().len(), 1, "an info line waits");
+            tracing::info!(target: "audit", "token_created");
         });
         let w = writes.lock().unwrap();
-        assert_eq!(w.len(), 1);
-        let text = String::from_utf8_lossy(&w[0]);
+        assert_eq!(w.len(), 2, "the warning and the audit line wrote");
+        let text = String::from_utf8_lossy(&w.concat()).into_owned();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 2, "{text}");
-        assert!(
-            lines[0].contains("INFO") && lines[0].contains("scanned"),
-            "{text}"
-        );
-        assert!(
-            lines[1].contains("WARN") && lines[1].contains("backend down"),
-            "{text}"
-        );
+        assert_eq!(lines.len(), 4, "{text}");
+        let line_has = |i: usize, a: &str, b: &str| {
+            assert!(
+                lines[i].contains(a) && lines[i].contains(b),
+                "line {i}: {text}"
+            )
+        };
+        line_has(0, "INFO", "scanned");
+        line_has(1, "WARN", "backend down");
+        line_has(2, "INFO", "scanned");
+        line_has(3, "audit", "token_created");
     }
 }
