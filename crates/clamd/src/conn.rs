@@ -423,10 +423,7 @@ impl Instream {
     /// return it as [`Error::EarlyReply`].
     pub async fn send(&mut self, data: &[u8]) -> Result<(), Error> {
         for (header, chunk) in proto::chunks(data) {
-            let write = async {
-                self.conn.socket.write_all(&header).await?;
-                self.conn.socket.write_all(chunk).await
-            };
+            let write = write_all_vectored(&mut self.conn.socket, &header, chunk);
             match timeout(self.conn.timeouts.io, write).await {
                 Ok(Ok(())) => self.sent += chunk.len() as u64,
                 Ok(Err(e)) => return Err(self.reply_after_write_error(Error::Io(e)).await),
@@ -464,6 +461,24 @@ impl Instream {
             Err(_) => original,
         }
     }
+}
+
+/// Writes `header` then `body` with as few system calls as the socket
+/// allows (one, usually): a chunk's 4-byte length sent on its own costs
+/// clamd a read and, over TCP, a packet of its own.
+async fn write_all_vectored(socket: &mut Socket, header: &[u8], body: &[u8]) -> io::Result<()> {
+    let (mut header, mut body) = (header, body);
+    while !header.is_empty() || !body.is_empty() {
+        let parts = [io::IoSlice::new(header), io::IoSlice::new(body)];
+        let written = socket.write_vectored(&parts).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_header = written.min(header.len());
+        header = &header[from_header..];
+        body = &body[written - from_header..];
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -516,6 +531,52 @@ mod tests {
             s.write_all(reply).await.unwrap();
         });
         Address::Tcp(addr.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_stream_arrives_framed_exactly_when_writes_are_partial() {
+        // A reader that starts late, so the sender's socket buffer fills
+        // and its writes come back short, in the header or in the data.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = Address::Tcp(listener.local_addr().unwrap().to_string());
+        let received = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 3001];
+            while !seen.ends_with(&proto::END_OF_STREAM) {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the stream ended early");
+                seen.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"stream: OK\0").await.unwrap();
+            seen
+        });
+        let data: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let pieces = [&data[..5], &data[5..3_000_000], &data[3_000_000..]];
+        let conn = Connection::connect(&addr, Timeouts::default())
+            .await
+            .unwrap();
+        let mut stream = conn.instream().await.unwrap();
+        for piece in pieces {
+            stream.send(piece).await.unwrap();
+        }
+        assert_eq!(stream.finish().await.unwrap(), ScanReply::Clean);
+
+        let mut expected = b"zINSTREAM\0".to_vec();
+        for piece in pieces {
+            for (header, chunk) in proto::chunks(piece) {
+                expected.extend_from_slice(&header);
+                expected.extend_from_slice(chunk);
+            }
+        }
+        expected.extend_from_slice(&proto::END_OF_STREAM);
+        let seen = received.await.unwrap();
+        assert_eq!(seen.len(), expected.len());
+        assert!(
+            seen == expected,
+            "the bytes on the wire differ from the framing"
+        );
     }
 
     #[tokio::test]
