@@ -4,23 +4,10 @@
 //! talking straight to the same clamd, and samples avgate's memory. It
 //! asserts no timing (timings are not tests).
 //!
-//! ```text
-//! avgate-bench free-port
-//! avgate-bench idle    [--max-busy-percent 10] [--timeout-secs 60]
-//! avgate-bench wait    (--clamd ADDR | --url URL) [--pid PID] [--timeout-secs 60]
-//! avgate-bench small   --url URL --clamd ADDR [--secs 4] [--rounds 2]
-//!                      [--kinds clean-1k,eicar] [--concurrency 8,32] [--targets raw,avgate,raw-fildes]
-//! avgate-bench large   --url URL --clamd ADDR [--mib 100] [--reps 3]
-//! avgate-bench memory  --url URL --clamd ADDR --pid AVGATE_PID [--mib 150] [--uploads 8]
-//! avgate-bench report  --results FILE
-//! ```
+//! The commands and their options are in [`USAGE`] (`avgate-bench
+//! --help`). large and memory generate the upload, and the raw client
+//! sends it, in pieces of `--chunk-kib` (256 KiB).
 //!
-//! large and memory take `--chunk-kib N` (256): the size of the pieces the
-//! upload is generated and, by the raw client, sent in.
-//!
-//! small, large and memory also take `--results FILE`, `--token-file FILE`
-//! (an API token on its first line, sent as `Authorization: Bearer`), and
-//! `--clamd-pid` / `--avgate-pid` to report each process's CPU time.
 //! It prints figures and ratios; only broken runs (failed requests) make
 //! it exit non-zero.
 //!
@@ -43,7 +30,7 @@ use bytes::Bytes;
 
 use target::{Ctx, Outcome, Target};
 
-/// The commands and their options (also in the module documentation).
+/// The commands and their options, printed by `--help`.
 const USAGE: &str = "\
 avgate-bench: the load generator behind bench/run.sh
 
@@ -57,8 +44,10 @@ avgate-bench: the load generator behind bench/run.sh
   avgate-bench report  --results FILE
 
 small, large and memory also take --results FILE (tab-separated results,
-appended), --token-file FILE (an API token on its first line) and
---clamd-pid / --avgate-pid (to report each process's CPU time).
+appended; `report` turns them into the summary), --token-file FILE (an API
+token on its first line, sent as Authorization: Bearer) and --clamd-pid /
+--avgate-pid (to report each process's CPU time). Figures and ratios are
+printed; only broken runs (failed requests) exit non-zero.
 ";
 
 /// Targets from the issue.
@@ -74,7 +63,8 @@ const MIB: u64 = 1024 * 1024;
 fn main() -> anyhow::Result<()> {
     let mut argv = std::env::args().skip(1);
     let Some(command) = argv.next() else {
-        bail!("usage: avgate-bench free-port|idle|wait|small|large|memory|report [--key value]...");
+        eprint!("{USAGE}");
+        std::process::exit(2);
     };
     let argv: Vec<String> = argv.collect();
     if ["help", "--help", "-h"].contains(&command.as_str())
