@@ -181,20 +181,18 @@ mod tests {
         (out, writes)
     }
 
-    fn info_line(out: &LogOutput, text: &str) {
+    /// Writes `text` as the subscriber would, for a line that may wait
+    /// (`urgent: false`, an info line) or may not (a warning).
+    fn line(out: &LogOutput, urgent: bool, text: &str) {
         let mut w = LineWriter {
             shared: &out.shared,
-            urgent: false,
+            urgent,
         };
         w.write_all(text.as_bytes()).unwrap();
     }
 
-    fn warn_line(out: &LogOutput, text: &str) {
-        let mut w = LineWriter {
-            shared: &out.shared,
-            urgent: true,
-        };
-        w.write_all(text.as_bytes()).unwrap();
+    fn info_line(out: &LogOutput, text: &str) {
+        line(out, false, text);
     }
 
     fn wait_for(writes: &Mutex<Vec<Vec<u8>>>, n: usize) -> Vec<Vec<u8>> {
@@ -225,7 +223,7 @@ mod tests {
     fn a_warning_writes_what_waits_and_itself_in_order() {
         let (out, writes) = capture(Duration::from_secs(3600));
         info_line(&out, "request\n");
-        warn_line(&out, "trouble\n");
+        line(&out, true, "trouble\n");
         assert_eq!(
             *writes.lock().unwrap(),
             vec![b"request\ntrouble\n".to_vec()]
