@@ -317,9 +317,12 @@ impl Form {
             SizeLimit::new()
                 .whole_stream(max_body)
                 .per_field(limits.max_field_size)
-                // Our own counter answers 413 for the file; this only keeps
-                // multer from refusing first.
-                .for_field("file", limits.max_size + 1),
+                // Our own counter answers 413 for the file, with its limit
+                // (file_too_large). multer counts ahead of what it has
+                // handed us, so any limit of its own on the file would
+                // sometimes refuse first, as request_too_large; the
+                // whole-stream limit above still bounds the request.
+                .for_field("file", u64::MAX),
         );
         let body: Body = request.into_body();
         let body = MinRate::new(
