@@ -293,6 +293,28 @@ async fn no_bad_credential_is_ever_accepted() {
     gw.stop().await;
 }
 
+/// A client without a token that sends its whole upload before reading
+/// gets the 401, not a reset: avgate refuses before reading the body, then
+/// reads and discards the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_upload_sent_in_full_still_gets_its_401() {
+    let clamd = Clamd::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(auth_config(&clamd, dir.path())).await;
+    let upload = random_bytes(16 << 20, 21);
+    let head = format!(
+        "POST /v1/scan/raw HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Length: {}\r\n\r\n",
+        upload.len()
+    );
+    let answer = send_all_then_read(gw.addr, &head, &upload)
+        .await
+        .expect("the connection stays up until the answer is read");
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("\"unauthorized\""), "{answer}");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotas_stop_at_exactly_their_number() {
     let clamd = Clamd::start("");

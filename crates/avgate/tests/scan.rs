@@ -4,6 +4,8 @@
 mod common;
 
 use common::*;
+use std::time::{Duration, Instant};
+
 use futures_util::StreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,6 +364,132 @@ async fn uploads_over_the_limit_get_413_early() {
         Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
     }
     gw.stop().await;
+}
+
+/// avgate answers 413 before reading an upload it refuses. A client that
+/// sends everything before it reads must still get that answer, not a
+/// reset: avgate reads and discards the rest (a "lingering close").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_everything_before_reading_gets_the_413() {
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.max_size = mib(1);
+    let gw = Gateway::start(cfg).await;
+    let upload = random_bytes(32 << 20, 11);
+
+    // Refused on its Content-Length, before a byte of the body is read.
+    let head = format!(
+        "POST /v1/scan/raw HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         X-Filename: big.bin\r\nContent-Length: {}\r\n\r\n",
+        upload.len()
+    );
+    let answer = send_all_then_read(gw.addr, &head, &upload)
+        .await
+        .expect("the connection stays up until the answer is read");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"file_too_large\""), "{answer}");
+
+    // Refused in the middle of a multipart stream that has no length.
+    let form = multipart_body("big-b", &[("file", Some(b"big.bin"), &upload)]);
+    let head = "POST /v1/scan HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                Content-Type: multipart/form-data; boundary=big-b\r\n\
+                Transfer-Encoding: chunked\r\n\r\n";
+    let answer = send_all_then_read(gw.addr, head, &chunked(&form))
+        .await
+        .expect("the connection stays up until the answer is read");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("\"file_too_large\""), "{answer}");
+
+    // The connection is still usable when the client keeps it.
+    let keep = head.replace("Connection: close\r\n", "");
+    let mut twice = chunked(&form);
+    twice.extend_from_slice(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let answer = send_all_then_read(gw.addr, &keep, &twice).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 200").count(), 1, "{answer}");
+    gw.stop().await;
+}
+
+/// A client that asks `Expect: 100-continue` is never asked for a body
+/// avgate refuses: it gets the 413 first and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_gets_the_413_without_sending_the_body() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.max_size = mib(1);
+    let gw = Gateway::start(cfg).await;
+
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /v1/scan/raw HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\
+              Content-Length: 33554432\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // avgate answers and closes at once: it does not wait for a body it
+    // never asked for (as lingering would, until the client goes silent).
+    let mut answer = Vec::new();
+    let wait = avgate::http::linger::LINGER_READ_TIMEOUT / 2;
+    tokio::time::timeout(wait, stream.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed at once, not after a wait for the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    gw.stop().await;
+}
+
+/// Stopping avgate does not wait for a refused upload that never ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_refused_upload_to_end() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.max_size = mib(1);
+    let gw = Gateway::start(cfg).await;
+
+    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    writer
+        .write_all(
+            b"POST /v1/scan/raw HTTP/1.1\r\nHost: x\r\n\
+              Content-Length: 1099511627776\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // Sends until the connection is closed under it.
+    let sender = tokio::spawn(async move {
+        let chunk = random_bytes(64 * 1024, 12);
+        let mut sent = 0u64;
+        while writer.write_all(&chunk).await.is_ok() {
+            sent += chunk.len() as u64;
+        }
+        sent
+    });
+    let mut head = [0u8; 12];
+    reader.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 413");
+    // Answered, and still reading: the client is not reset mid-send.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !sender.is_finished(),
+        "the connection was closed under the client"
+    );
+
+    let started = Instant::now();
+    gw.stop().await;
+    let stopped_in = started.elapsed();
+    assert!(
+        stopped_in < avgate::http::linger::LINGER_TIME / 2,
+        "stopping took {stopped_in:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), sender)
+        .await
+        .expect("the connection was closed at shutdown")
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

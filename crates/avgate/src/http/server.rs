@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::http::{header, HeaderValue};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::Router;
 use futures_util::FutureExt;
 use hyper::body::Incoming;
@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
+use super::linger::LingerBody;
 use super::ClientAddr;
 use crate::tls::TlsAcceptor;
 
@@ -167,12 +168,20 @@ impl Connection {
         } = self;
         let activity = Arc::new(Activity::new());
         let requests = activity.clone();
+        let linger_closing = closing.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ClientAddr(peer));
             let in_progress = requests.start();
+            // A body still being read (or drained) keeps the connection
+            // from counting as idle.
+            let (request, linger) = LingerBody::wrap(request, &linger_closing, || requests.start());
             app.clone().oneshot(request).map(move |response| {
                 drop(in_progress);
                 response.map(|mut response| {
+                    if response.status() == StatusCode::REQUEST_TIMEOUT {
+                        // Cut off for sending too slowly: no more time.
+                        linger.stop();
+                    }
                     if tls {
                         response.headers_mut().insert(
                             header::STRICT_TRANSPORT_SECURITY,

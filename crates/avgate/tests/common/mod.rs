@@ -510,3 +510,31 @@ async fn read_command(s: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>>
         cmd.push(b);
     }
 }
+
+/// Writes `head`, then all of `body`, and only then reads the answer, as
+/// Python's requests and most scripts do. The error if a write or the
+/// read failed (the connection was reset under the client).
+pub async fn send_all_then_read(
+    addr: std::net::SocketAddr,
+    head: &str,
+    body: &[u8],
+) -> std::io::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// The body in HTTP/1.1 chunked framing, 64 KiB a chunk.
+pub fn chunked(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 1024 + 16);
+    for chunk in body.chunks(64 * 1024) {
+        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        out.extend_from_slice(chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
