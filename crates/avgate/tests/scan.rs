@@ -310,6 +310,60 @@ async fn hostile_filenames_are_sanitized_or_refused_never_echoed() {
     gw.stop().await;
 }
 
+/// `sha256` and `size` cover every byte, in order, however the upload
+/// arrives: pieces far smaller and far larger than what avgate hands clamd
+/// at a time, as one multipart form and as a raw chunked stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sha256_and_size_cover_every_byte_however_it_arrives() {
+    use sha2::{Digest, Sha256};
+    let clamd = Clamd::start("");
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+    let data = random_bytes((5 << 20) + 12_345, 31);
+    let expected = hex::encode(Sha256::digest(&data));
+
+    let (status, body) = gw.scan("five.bin", data.clone()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("OK")),
+        "{body}"
+    );
+    assert_eq!(body["sha256"], expected);
+    assert_eq!(body["size"], data.len());
+
+    let sizes = [1, 1000, 70_000, 200_000, 65_536, 3];
+    let mut pieces = Vec::new();
+    let mut at = 0;
+    for size in sizes.iter().cycle() {
+        if at == data.len() {
+            break;
+        }
+        let end = (at + size).min(data.len());
+        pieces.push(Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(
+            &data[at..end],
+        )));
+        at = end;
+    }
+    let r = gw
+        .client
+        .post(gw.url("/v1/scan/raw"))
+        .header("x-filename", "five.bin")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            pieces,
+        )))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("OK")),
+        "{body}"
+    );
+    assert_eq!(body["sha256"], expected);
+    assert_eq!(body["size"], data.len());
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_over_the_limit_get_413_early() {
     let clamd = Clamd::start("");

@@ -98,15 +98,18 @@ where
         if size > max_size {
             return Err(PipelineError::TooLarge { limit: max_size });
         }
-        hasher.update(&chunk);
-        if pending.is_empty() && chunk.len() >= clamd::proto::MIN_CHUNK {
-            feed(&mut scans, chunk).await?;
+        let ready = if pending.is_empty() && chunk.len() >= clamd::proto::MIN_CHUNK {
+            Some(chunk.clone())
         } else {
             pending.extend_from_slice(&chunk);
-            if pending.len() >= clamd::proto::MIN_CHUNK {
-                feed(&mut scans, pending.split().freeze()).await?;
-            }
+            (pending.len() >= clamd::proto::MIN_CHUNK).then(|| pending.split().freeze())
+        };
+        if let Some(ready) = ready {
+            feed(&mut scans, ready).await?;
         }
+        // Hashed once it is on its way: clamd, another process, reads it
+        // while we hash, instead of waiting for us.
+        hasher.update(&chunk);
     }
     if !pending.is_empty() {
         feed(&mut scans, pending.freeze()).await?;
