@@ -56,8 +56,9 @@ pub struct LingerBody<G: Send + Unpin + 'static> {
 }
 
 struct Linger<G> {
-    /// A child of the server's shutdown token.
-    closing: CancellationToken,
+    /// Cancelled at shutdown (a child of the server's token) or by
+    /// [`LingerStop`].
+    stop: CancellationToken,
     /// Held while the body (or its draining) lives, e.g. to keep the
     /// connection from counting as idle.
     _guard: G,
@@ -79,10 +80,10 @@ impl<G: Send + Unpin + 'static> LingerBody<G> {
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         // Only requests with a body pay for a token of their own.
         let linger = applies.then(|| Linger {
-            closing: closing.child_token(),
+            stop: closing.child_token(),
             _guard: guard(),
         });
-        let stop = LingerStop(linger.as_ref().map(|l| l.closing.clone()));
+        let stop = LingerStop(linger.as_ref().map(|l| l.stop.clone()));
         let request = request.map(|body| LingerBody {
             body: Some(body),
             linger,
@@ -158,7 +159,8 @@ async fn drain<G>(mut body: Incoming, linger: Linger<G>) {
     let mut discarded = 0u64;
     let outcome = loop {
         let frame = tokio::select! {
-            _ = linger.closing.cancelled() => break "shutting down",
+            biased;
+            _ = linger.stop.cancelled() => break "called off",
             _ = &mut give_up => break "took too long",
             frame = tokio::time::timeout(LINGER_READ_TIMEOUT, body.frame()) => frame,
         };
