@@ -462,6 +462,99 @@ async fn a_client_that_sends_everything_before_reading_gets_the_413() {
     gw.stop().await;
 }
 
+/// Over HTTP/2 (what Go, curl and browsers speak over TLS), an answer
+/// given before the upload is read arrives as that answer, not as a stream
+/// error: the rest of the stream is refused with NO_ERROR, which tells the
+/// client to stop sending, once the answer is out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_get_early_answers_not_stream_errors() {
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.max_size = mib(1);
+    let gw = Gateway::start(cfg).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+
+    // Refused on its Content-Length, before the body is read.
+    let r = h2
+        .post(gw.url("/v1/scan/raw"))
+        .body(random_bytes(8 << 20, 41))
+        .send()
+        .await
+        .expect("the 413, not a stream error");
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    let (status, body) = json(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("file_too_large"))
+    );
+
+    // Refused in the middle of a stream without a length.
+    let pieces = (0..128u64)
+        .map(|i| Ok::<_, std::io::Error>(bytes::Bytes::from(random_bytes(64 * 1024, i + 100))));
+    let r = h2
+        .post(gw.url("/v1/scan/raw"))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            pieces,
+        )))
+        .send()
+        .await
+        .expect("the 413, not a stream error");
+    let (status, body) = json(r).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("file_too_large"))
+    );
+
+    // The connection still serves.
+    let r = h2.get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    gw.stop().await;
+}
+
+/// What a strict HTTP/2 peer (nginx, Envoy in front of avgate) sees when
+/// avgate answers before reading the upload: the whole answer, and then
+/// the stream refused with NO_ERROR ("stop sending, the answer is
+/// complete"), not CANCEL, which such peers treat as a failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_answered_early_end_with_no_error() {
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.max_size = mib(1);
+    let gw = Gateway::start(cfg).await;
+
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = axum::http::Request::post(format!("http://{}/v1/scan/raw", gw.addr))
+        .header("content-length", (8u64 << 20).to_string())
+        .body(())
+        .unwrap();
+    // The upload stays open: avgate refuses it on its length alone.
+    let (response, mut upload) = client.send_request(request, false).unwrap();
+
+    let response = response.await.expect("the answer");
+    assert_eq!(response.status(), 413);
+    let mut body = response.into_body();
+    let mut answer = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("the whole answer, not a reset");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        answer.extend_from_slice(&chunk);
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("\"file_too_large\""), "{answer}");
+
+    let reason = std::future::poll_fn(|cx| upload.poll_reset(cx))
+        .await
+        .unwrap();
+    assert_eq!(reason, h2::Reason::NO_ERROR);
+    gw.stop().await;
+}
+
 /// A client that asks `Expect: 100-continue` is never asked for a body
 /// avgate refuses: it gets the 413 first and sends nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

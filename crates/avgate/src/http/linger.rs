@@ -21,8 +21,10 @@
 //! the time bounds what a client can make us read, and reading to discard
 //! costs less than any accepted upload.
 //!
-//! Not for HTTP/2, where dropping the body resets only that stream, and
-//! tells the client to stop sending. Not for a client that asked
+//! Not for HTTP/2: there h2 ends the stream once the answer is out and
+//! every handle on it is gone, with NO_ERROR, which RFC 9113 (section 8.1)
+//! provides for exactly this (stop sending, the answer is complete); the
+//! connection stays up (`tests/scan.rs` checks both). Not for a client that asked
 //! `Expect: 100-continue` and was never told to send: it has sent nothing
 //! yet and sees the answer first. And not after a 408: the client was cut
 //! off for sending too slowly, and lingering would give back the time the
