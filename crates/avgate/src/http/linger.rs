@@ -51,10 +51,9 @@ pub struct LingerBody<G: Send + Unpin + 'static> {
     body: Option<Incoming>,
     /// `None` when lingering does not apply to this request.
     linger: Option<Linger<G>>,
-    polled: bool,
-    /// `Expect: 100-continue`: until the body is polled, the client has not
-    /// been asked for it.
-    awaits_continue: bool,
+    /// The client sent `Expect: 100-continue` and the body has not been
+    /// polled yet: it has not been asked for the body, and sent none.
+    unasked: bool,
 }
 
 struct Linger<G> {
@@ -76,10 +75,12 @@ impl<G: Send + Unpin + 'static> LingerBody<G> {
         guard: impl FnOnce() -> G,
     ) -> (Request<LingerBody<G>>, LingerStop) {
         let applies = request.version() <= Version::HTTP_11 && !request.body().is_end_stream();
-        let awaits_continue = request
-            .headers()
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        // Only looked up for bodies that may be drained.
+        let unasked = applies
+            && request
+                .headers()
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         // Only requests with a body pay for a token of their own.
         let linger = applies.then(|| Linger {
             stop: closing.child_token(),
@@ -89,8 +90,7 @@ impl<G: Send + Unpin + 'static> LingerBody<G> {
         let request = request.map(|body| LingerBody {
             body: Some(body),
             linger,
-            polled: false,
-            awaits_continue,
+            unasked,
         });
         (request, stop)
     }
@@ -116,7 +116,7 @@ impl<G: Send + Unpin + 'static> Body for LingerBody<G> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.polled = true;
+        self.unasked = false;
         let Some(body) = self.body.as_mut() else {
             return Poll::Ready(None);
         };
@@ -144,7 +144,7 @@ impl<G: Send + Unpin + 'static> Drop for LingerBody<G> {
         let (Some(body), Some(linger)) = (self.body.take(), self.linger.take()) else {
             return;
         };
-        if body.is_end_stream() || (self.awaits_continue && !self.polled) {
+        if body.is_end_stream() || self.unasked {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
