@@ -538,3 +538,13 @@ pub fn chunked(body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(b"0\r\n\r\n");
     out
 }
+
+/// Asserts that a raw HTTP/1.1 answer has `status` and the error `code` in
+/// its JSON body.
+pub fn assert_raw_error(answer: &str, status: u16, code: &str) {
+    assert!(
+        answer.starts_with(&format!("HTTP/1.1 {status} ")),
+        "{answer}"
+    );
+    assert!(answer.contains(&format!("\"code\":\"{code}\"")), "{answer}");
+}
