@@ -101,6 +101,27 @@ async fn a_malformed_reply_is_an_error_not_a_verdict() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_clamd_cannot_spool_fails_alone_and_the_backend_stays_in() {
+    // clamd spools a stream into its TemporaryDirectory; when that is full
+    // it answers `Error writing to temporary file ERROR`. That file was not
+    // scanned (503), but clamd is fine: the next scan must not find the
+    // backend taken out.
+    let clamd = Clamd::with_file_size_limit(4096);
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+    let (status, body) = gw.scan("big.bin", random_bytes(16 << 20, 7)).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "ERROR");
+    assert_eq!(body["error"]["code"], "engine_error");
+
+    let (status, body) = gw.scan("eicar.com", EICAR.to_vec()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "FOUND");
+    let (status, _) = gw.readyz().await;
+    assert_eq!(status, 200);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_dying_mid_stream_is_retried_elsewhere_when_replayable() {
     let dying = FakeClamd::start(Fault::DieAfter(100_000)).await;
     let clamd = Clamd::start("");

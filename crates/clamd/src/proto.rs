@@ -131,10 +131,14 @@ impl ScanReply {
         if text.starts_with("INSTREAM size limit exceeded") {
             return Ok(ScanReply::SizeLimitExceeded);
         }
-        let Some(body) = text.strip_prefix("stream: ") else {
-            return Err(ParseError::Unexpected(truncate(text)));
-        };
-        Self::parse_body(text, body)
+        match text.strip_prefix("stream: ") {
+            Some(body) => Self::parse_body(text, body),
+            // clamd's own trouble with the stream comes without the
+            // subject, e.g. `Error writing to temporary file ERROR` when
+            // its TemporaryDirectory is full. It is this file's failure,
+            // not a broken daemon.
+            None => Self::parse_bare_error(text),
+        }
     }
 
     /// Parses the answer to a FILDES: `fd[N]: ...` for a scan, or an
@@ -148,10 +152,15 @@ impl ScanReply {
         });
         match subject {
             Some(body) => Self::parse_body(text, body),
-            None => match text.strip_suffix(" ERROR") {
-                Some(reason) if !reason.is_empty() => Ok(ScanReply::Error(reason.to_owned())),
-                _ => Err(ParseError::Unexpected(truncate(text))),
-            },
+            None => Self::parse_bare_error(text),
+        }
+    }
+
+    /// `<reason> ERROR`: an error about the command rather than a scan.
+    fn parse_bare_error(text: &str) -> Result<ScanReply, ParseError> {
+        match text.strip_suffix(" ERROR") {
+            Some(reason) if !reason.trim().is_empty() => Ok(ScanReply::Error(reason.to_owned())),
+            _ => Err(ParseError::Unexpected(truncate(text))),
         }
     }
 
@@ -464,6 +473,11 @@ mod tests {
             ScanReply::parse(b"INSTREAM size limit exceeded. ERROR").unwrap(),
             ScanReply::SizeLimitExceeded
         );
+        // What clamd 1.4 answers when its TemporaryDirectory is full.
+        assert_eq!(
+            ScanReply::parse(b"Error writing to temporary file ERROR").unwrap(),
+            ScanReply::Error("Error writing to temporary file".into())
+        );
         // Newline-terminated (n-mode) replies are tolerated.
         assert_eq!(ScanReply::parse(b"stream: OK\n").unwrap(), ScanReply::Clean);
     }
@@ -481,6 +495,9 @@ mod tests {
             b"stream: OKAY",
             b"\xff\xfe",
             b"1: stream: OK",
+            b" ERROR",
+            b"   ERROR",
+            b"ERROR",
         ] {
             assert!(
                 ScanReply::parse(bad).is_err(),

@@ -38,12 +38,27 @@ pub struct Clamd {
     pub socket: PathBuf,
     child: Option<Child>,
     extra: String,
+    /// RLIMIT_FSIZE in KiB: clamd then cannot write a temporary file past
+    /// it, as when its TemporaryDirectory is full.
+    file_size_limit_kib: Option<u64>,
 }
 
 impl Clamd {
     /// Starts clamd with the defaults avgate's managed mode uses, plus
     /// `extra` clamd.conf lines (later lines override earlier ones).
     pub fn start(extra: &str) -> Clamd {
+        Self::start_limited(extra, None)
+    }
+
+    /// A clamd that cannot write temporary files of more than
+    /// `limit_kib` KiB: what it does when its TemporaryDirectory is full
+    /// (it answers `Error writing to temporary file ERROR`), without
+    /// needing a full filesystem.
+    pub fn with_file_size_limit(limit_kib: u64) -> Clamd {
+        Self::start_limited("", Some(limit_kib))
+    }
+
+    fn start_limited(extra: &str, file_size_limit_kib: Option<u64>) -> Clamd {
         let dir = tempfile::Builder::new()
             .prefix("avg-clamd")
             .tempdir()
@@ -58,6 +73,7 @@ impl Clamd {
             socket,
             child: None,
             extra: extra.to_owned(),
+            file_size_limit_kib,
             dir,
         };
         clamd.spawn();
@@ -100,7 +116,19 @@ impl Clamd {
         let conf: String = options.iter().map(|(k, v)| format!("{k} {v}\n")).collect();
         std::fs::write(self.conf_path(), conf).unwrap();
         let _ = std::fs::remove_file(&self.socket);
-        let child = Command::new(clamd_binary())
+        let mut command = match self.file_size_limit_kib {
+            None => Command::new(clamd_binary()),
+            Some(kib) => {
+                // Past the limit a write fails with EFBIG, once SIGXFSZ
+                // (which would kill clamd) is ignored; both survive exec.
+                let mut sh = Command::new("bash");
+                sh.arg("-c")
+                    .arg(format!("trap '' XFSZ; ulimit -f {kib}; exec \"$0\" \"$@\""))
+                    .arg(clamd_binary());
+                sh
+            }
+        };
+        let child = command
             .arg("--config-file")
             .arg(self.conf_path())
             .stdin(Stdio::null())
