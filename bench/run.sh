@@ -20,7 +20,10 @@
 # CLAMD_THREADS (8: avgate's default max_concurrent_per_backend),
 # AVGATE_LOG (info, as deployed; avgate's log goes to a file),
 # IDLE_WAIT_SECS (60: how long to wait for other processes to leave the
-# CPUs alone before measuring; it goes on with a warning after that).
+# CPUs alone before measuring; it goes on with a warning after that),
+# CLAMD_TEMP_DIR (a directory in the run's own /tmp directory: clamd's
+# TemporaryDirectory; e.g. /dev/shm/avgate-bench for a tmpfs, see
+# docs/performance.md).
 # RESULTS_FILE (none): append this run's results to FILE, which is kept;
 # the summary then covers every run in it and adds figures pooled over
 # them (the median of every round), steadier than one run's on a shared
@@ -40,6 +43,7 @@ MEM_UPLOADS=${MEM_UPLOADS:-8}
 CLAMD=${CLAMD:-/usr/sbin/clamd}
 CLAMD_THREADS=${CLAMD_THREADS:-8}
 IDLE_WAIT_SECS=${IDLE_WAIT_SECS:-60}
+CLAMD_TEMP_DIR=${CLAMD_TEMP_DIR:-}
 export AVGATE_LOG=${AVGATE_LOG:-info}
 # Errors from the load generator are explained in its message; no backtrace.
 export RUST_LIB_BACKTRACE=0
@@ -85,14 +89,15 @@ trap 'exit 130' INT TERM
 
 # --- clamd -----------------------------------------------------------------
 SOCKET=$WORK/clamd.sock
-mkdir -p "$WORK/tmp" "$WORK/db"
+CLAMD_TMP=${CLAMD_TEMP_DIR:-$WORK/tmp}
+mkdir -p "$CLAMD_TMP" "$WORK/db"
 cp "$ROOT"/signatures/* "$WORK/db/"
 cat >"$WORK/clamd.conf" <<EOF
 Foreground yes
 LocalSocket $SOCKET
 LocalSocketMode 600
 DatabaseDirectory $WORK/db
-TemporaryDirectory $WORK/tmp
+TemporaryDirectory $CLAMD_TMP
 LogFile $WORK/clamd.log
 LogTime yes
 LogClean no
@@ -115,6 +120,9 @@ SelfCheck 3600
 EOF
 
 echo "== starting clamd ($("$CLAMD" --version))"
+# clamd makes and removes a directory there for every scan: its file system
+# moves small-file figures by half (docs/performance.md).
+echo "   TemporaryDirectory $CLAMD_TMP ($(stat -f -c %T "$CLAMD_TMP"))"
 "$CLAMD" --foreground --config-file="$WORK/clamd.conf" >"$WORK/clamd.out" 2>&1 &
 CLAMD_PID=$!
 "$BENCH" wait --clamd "unix:$SOCKET" --pid "$CLAMD_PID" --timeout-secs 60

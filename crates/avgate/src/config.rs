@@ -211,6 +211,12 @@ pub struct ManagedConfig {
     /// clamd's DisableCache: caching clean results by hash is a big win in
     /// production and a distortion in benchmarks.
     pub disable_cache: bool,
+    /// Where clamd's TemporaryDirectory goes: a subdirectory of its own is
+    /// made here. Unset: `<data_dir>/clamd/tmp`. clamd makes and removes a
+    /// directory there for every scan, spools each stream into it and
+    /// extracts archives into it, so a tmpfs (`/dev/shm`) saves it a
+    /// filesystem's journal and discards, at the price of memory.
+    pub temp_dir: Option<PathBuf>,
     /// Longest back-off between restarts of a crashing clamd.
     pub restart_backoff_max: Humantime,
 }
@@ -460,6 +466,7 @@ impl Default for ManagedConfig {
             database_dir: None,
             max_threads: 8,
             disable_cache: false,
+            temp_dir: None,
             restart_backoff_max: Humantime(Duration::from_secs(30)),
         }
     }
@@ -600,6 +607,14 @@ impl Config {
         ] {
             if zero {
                 return Err(invalid(format!("{name} must be above 0")));
+            }
+        }
+        if let Some(dir) = &self.managed.temp_dir {
+            if !dir.is_absolute() {
+                return Err(invalid(format!(
+                    "managed.temp_dir must be an absolute path, not {}",
+                    dir.display()
+                )));
             }
         }
         self.tls.validate(self.http_listen).map_err(invalid)?;
@@ -1036,6 +1051,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("log_level"), "{err}");
+    }
+
+    #[test]
+    fn managed_temp_dir_must_be_absolute() {
+        let c = Config::load(
+            None,
+            env(&[("AVGATE_MANAGED__TEMP_DIR", "/dev/shm")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.managed.temp_dir, Some(PathBuf::from("/dev/shm")));
+        // clamd would resolve a relative one against its working directory.
+        let err = Config::load(
+            None,
+            env(&[("AVGATE_MANAGED__TEMP_DIR", "shm")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("managed.temp_dir"), "{err}");
     }
 
     #[test]

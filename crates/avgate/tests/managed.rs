@@ -171,3 +171,77 @@ async fn a_zip_member_larger_than_the_upload_limit_is_still_scanned_to_its_end()
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "FOUND", "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clamd_works_under_managed_temp_dir_beside_another_avgate() {
+    use std::os::unix::fs::PermissionsExt;
+    // What a user sets to put clamd's temporary files on a tmpfs, such as
+    // /dev/shm, which other programs use too.
+    let base = tempfile::Builder::new()
+        .prefix("avg-shm")
+        .tempdir()
+        .unwrap();
+    std::fs::write(base.path().join("keep.txt"), "not avgate's").unwrap();
+    let config = format!("[managed]\ntemp_dir = \"{}\"\n", base.path().display());
+    let start = || {
+        Server::builder("avg-tmp")
+            .env("AVGATE_AUTH__REQUIRED", "false")
+            .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
+            .env("AVGATE_UPDATES__ENABLED", "false")
+            .config(&config)
+            .start()
+    };
+    let (a, b) = (start(), start());
+    a.wait_ready(Duration::from_secs(60)).await;
+    b.wait_ready(Duration::from_secs(60)).await;
+
+    // Each avgate has a private directory of its own there, and its clamd
+    // is told to use it.
+    let mut dirs: Vec<_> = std::fs::read_dir(base.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    assert_eq!(dirs.len(), 2, "{dirs:?}");
+    let mut used = Vec::new();
+    for server in [&a, &b] {
+        let conf = std::fs::read_to_string(server.data.join("clamd/clamd.conf")).unwrap();
+        let dir = conf
+            .lines()
+            .find_map(|l| l.strip_prefix("TemporaryDirectory "))
+            .unwrap()
+            .to_owned();
+        used.push(Path::new(&dir).to_owned());
+    }
+    used.sort();
+    assert_eq!(used, dirs);
+    for dir in &dirs {
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{}", dir.display());
+    }
+
+    // clamd extracts archives there and spools streams there (files over
+    // 1 MiB go to it as streams).
+    let zip = std::fs::read(Path::new(TESTFILES).join("clam.zip")).unwrap();
+    let (status, body) = post_file(&a.client, &a.url("/scan"), "clam.zip", zip).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("FOUND")),
+        "{body}"
+    );
+    let big = random_bytes(3 << 20, 11);
+    let (status, body) = post_file(&b.client, &b.url("/scan"), "big.bin", big).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("OK")),
+        "{body}"
+    );
+    assert_eq!(body["size"], 3 << 20);
+
+    // Nothing else in the shared directory was touched.
+    assert_eq!(
+        std::fs::read_to_string(base.path().join("keep.txt")).unwrap(),
+        "not avgate's"
+    );
+}

@@ -164,9 +164,10 @@ impl ManagedClamd {
         let stream_max_length = (config.max_size.0 + 1024 * 1024).min(4_000_000_000);
         // clamd spools each stream to a temporary file: keep those in our
         // private directory, and clear what a killed clamd left behind.
-        let tmp = dir.join("tmp");
+        let tmp = temp_dir(config, &dir);
         let _ = std::fs::remove_dir_all(&tmp);
         create_private_dir(&tmp)?;
+        warn_if_temp_space_short(&tmp, stream_max_length, config.managed.max_threads);
         let conf = clamd_conf(
             config,
             &socket,
@@ -590,6 +591,43 @@ fn announce_database(report: &SyncReport, layout: &DatabaseLayout, mode: &Update
 
 /// clamd.conf for the managed clamd. Every limit avgate relies on is set
 /// explicitly: packaged defaults differ from upstream ones (`clamconf`).
+/// clamd's TemporaryDirectory: `<data_dir>/clamd/tmp`, or under
+/// `managed.temp_dir` a directory named after the data directory, so that
+/// two avgates sharing `/dev/shm` never clear each other's files at start.
+fn temp_dir(config: &Config, clamd_dir: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    match &config.managed.temp_dir {
+        None => clamd_dir.join("tmp"),
+        Some(base) => {
+            let data_dir =
+                std::path::absolute(&config.data_dir).unwrap_or_else(|_| config.data_dir.clone());
+            let digest = Sha256::digest(data_dir.as_os_str().as_encoded_bytes());
+            base.join(format!("avgate-clamd-{}", hex::encode(&digest[..4])))
+        }
+    }
+}
+
+/// A scan that does not fit in clamd's temporary directory fails (clamd
+/// answers an error, avgate 503): say so at start rather than at the
+/// first large upload. Typical case: Docker's 64 MiB `/dev/shm`.
+fn warn_if_temp_space_short(tmp: &Path, stream_max: u64, threads: usize) {
+    let Ok(stat) = rustix::fs::statvfs(tmp) else {
+        return;
+    };
+    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+    let wanted = stream_max.saturating_mul(threads as u64);
+    if free < wanted {
+        tracing::warn!(
+            dir = %tmp.display(),
+            free_mib = free >> 20,
+            wanted_mib = wanted >> 20,
+            "clamd's temporary directory has less free space than {threads} streams of {} MiB \
+             (StreamMaxLength, MaxThreads): scans that do not fit fail with 503 engine_error",
+            stream_max >> 20
+        );
+    }
+}
+
 fn clamd_conf(
     config: &Config,
     socket: &Path,
