@@ -122,7 +122,8 @@ EOF
 echo "== starting clamd ($("$CLAMD" --version))"
 # clamd makes and removes a directory there for every scan: its file system
 # moves small-file figures by half (docs/performance.md).
-echo "   TemporaryDirectory $CLAMD_TMP ($(stat -f -c %T "$CLAMD_TMP"))"
+fs_type() { findmnt -n -o FSTYPE --target "$1" 2>/dev/null || stat -f -c %T "$1"; }
+echo "   TemporaryDirectory $CLAMD_TMP ($(fs_type "$CLAMD_TMP"))"
 "$CLAMD" --foreground --config-file="$WORK/clamd.conf" >"$WORK/clamd.out" 2>&1 &
 CLAMD_PID=$!
 "$BENCH" wait --clamd "unix:$SOCKET" --pid "$CLAMD_PID" --timeout-secs 60
@@ -176,3 +177,9 @@ echo
 
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM, load average $(cut -d" " -f1-3 /proc/loadavg); $(date -u '+%Y-%m-%d %H:%M UTC')"
 "$BENCH" report --results "$RESULTS"
+TMP_FS=$(fs_type "$CLAMD_TMP")
+echo "   clamd's TemporaryDirectory is on $TMP_FS (CLAMD_TEMP_DIR): small-file ratios depend on it, so pool only runs made alike."
+if [ "$TMP_FS" != tmpfs ]; then
+    echo "   On a disk, clamd's own directory work for each scan hides part of avgate's cost;"
+    echo "   CLAMD_TEMP_DIR=/dev/shm/avgate-bench bench/run.sh gives the stricter figures (docs/performance.md)."
+fi

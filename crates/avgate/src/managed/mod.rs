@@ -589,8 +589,6 @@ fn announce_database(report: &SyncReport, layout: &DatabaseLayout, mode: &Update
     }
 }
 
-/// clamd.conf for the managed clamd. Every limit avgate relies on is set
-/// explicitly: packaged defaults differ from upstream ones (`clamconf`).
 /// clamd's TemporaryDirectory: `<data_dir>/clamd/tmp`, or under
 /// `managed.temp_dir` a directory named after the data directory, so that
 /// two avgates sharing `/dev/shm` never clear each other's files at start.
@@ -628,6 +626,8 @@ fn warn_if_temp_space_short(tmp: &Path, stream_max: u64, threads: usize) {
     }
 }
 
+/// clamd.conf for the managed clamd. Every limit avgate relies on is set
+/// explicitly: packaged defaults differ from upstream ones (`clamconf`).
 fn clamd_conf(
     config: &Config,
     socket: &Path,
