@@ -239,7 +239,17 @@ async fn clamd_works_under_managed_temp_dir_beside_another_avgate() {
     );
     assert_eq!(body["size"], 3 << 20);
 
-    // Nothing else in the shared directory was touched.
+    // Stopped, each removes its directory, and nothing else in the shared
+    // directory was touched.
+    let (mut a, mut b) = (a, b);
+    for server in [&mut a, &mut b] {
+        assert!(server.terminate(Duration::from_secs(20)).success());
+    }
+    let left: Vec<_> = std::fs::read_dir(base.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["keep.txt"]);
     assert_eq!(
         std::fs::read_to_string(base.path().join("keep.txt")).unwrap(),
         "not avgate's"

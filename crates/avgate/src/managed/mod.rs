@@ -102,6 +102,8 @@ pub struct ManagedClamd {
     /// StreamMaxLength written into its config.
     pub stream_max_length: u64,
     pub max_threads: usize,
+    /// clamd's TemporaryDirectory: emptied at start, removed at stop.
+    temp_dir: PathBuf,
     backoff_max: Duration,
     layout: DatabaseLayout,
     update_mode: UpdateMode,
@@ -201,6 +203,7 @@ impl ManagedClamd {
             socket,
             stream_max_length,
             max_threads: config.managed.max_threads,
+            temp_dir: tmp,
             backoff_max: config.managed.restart_backoff_max.0,
             synced: Mutex::new(Some(layout.fingerprint())),
             syncing: Mutex::new(()),
@@ -408,6 +411,8 @@ impl ManagedClamd {
                 }
             }
         }
+        // No litter in a shared directory such as /dev/shm.
+        let _ = std::fs::remove_dir_all(&self.temp_dir);
         self.update(|s| {
             s.state = "stopped";
             s.pid = None;
