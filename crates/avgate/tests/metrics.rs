@@ -28,6 +28,8 @@ const CONDITIONAL: &[&str] = &[
     "avgate_backend_database_age_seconds",
     // Only in managed mode (checked in the binary test below).
     "avgate_managed_clamd_restarts_total",
+    "avgate_managed_clamd_temp_free_bytes",
+    "avgate_managed_clamd_temp_size_bytes",
 ];
 
 /// One sample of the text format: name, labels, value.
@@ -434,6 +436,14 @@ async fn each_scan_logs_one_json_line_with_its_context_and_no_content() {
         "{text}"
     );
     assert_eq!(value(&s, "avgate_scans_total", &[]), Some(2.0), "{text}");
+    // The file system of <data_dir>/clamd/tmp, as statvfs sees it.
+    let free = value(&s, "avgate_managed_clamd_temp_free_bytes", &[]).unwrap();
+    let size = value(&s, "avgate_managed_clamd_temp_size_bytes", &[]).unwrap();
+    assert!(0.0 < free && free <= size, "{text}");
+    let df = rustix::fs::statvfs(server.data.join("clamd/tmp")).unwrap();
+    assert_eq!(size, (df.f_blocks * df.f_frsize) as f64);
+    let df_free = (df.f_bavail * df.f_frsize) as f64;
+    assert!((free - df_free).abs() < 1e9, "{free} against {df_free} now");
     let age = value(&s, "avgate_backend_database_age_seconds", &[]);
     assert!(
         age.is_some_and(|a| (0.0..86400.0).contains(&a)),

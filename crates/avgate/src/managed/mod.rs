@@ -216,6 +216,11 @@ impl ManagedClamd {
         })
     }
 
+    /// Room left for clamd's temporary files (for the metrics).
+    pub fn temp_space(&self) -> Option<Space> {
+        space(&self.temp_dir)
+    }
+
     pub fn status(&self) -> ManagedStatus {
         let mut status = self
             .status
@@ -610,14 +615,28 @@ fn temp_dir(config: &Config, clamd_dir: &Path) -> PathBuf {
     }
 }
 
+/// Free and total bytes of the file system holding a directory.
+#[derive(Debug, Clone, Copy)]
+pub struct Space {
+    pub free: u64,
+    pub size: u64,
+}
+
+fn space(dir: &Path) -> Option<Space> {
+    let stat = rustix::fs::statvfs(dir).ok()?;
+    Some(Space {
+        free: stat.f_bavail.saturating_mul(stat.f_frsize),
+        size: stat.f_blocks.saturating_mul(stat.f_frsize),
+    })
+}
+
 /// A scan that does not fit in clamd's temporary directory fails (clamd
 /// answers an error, avgate 503): say so at start rather than at the
 /// first large upload. Typical case: Docker's 64 MiB `/dev/shm`.
 fn warn_if_temp_space_short(tmp: &Path, stream_max: u64, threads: usize) {
-    let Ok(stat) = rustix::fs::statvfs(tmp) else {
+    let Some(Space { free, .. }) = space(tmp) else {
         return;
     };
-    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
     let wanted = stream_max.saturating_mul(threads as u64);
     if free < wanted {
         tracing::warn!(
