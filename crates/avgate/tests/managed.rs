@@ -214,6 +214,7 @@ async fn clamd_works_under_managed_temp_dir_beside_another_avgate() {
             .to_owned();
         used.push(Path::new(&dir).to_owned());
     }
+    let used_by_a = used[0].clone();
     used.sort();
     assert_eq!(used, dirs);
     for dir in &dirs {
@@ -254,4 +255,29 @@ async fn clamd_works_under_managed_temp_dir_beside_another_avgate() {
         std::fs::read_to_string(base.path().join("keep.txt")).unwrap(),
         "not avgate's"
     );
+
+    // Someone else on the host plants a symlink at the (predictable) name,
+    // to a directory of theirs, to read what clamd spools: avgate must
+    // make a directory of its own instead.
+    let theirs = base.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::symlink(&theirs, &used_by_a).unwrap();
+    let again = Server::builder("avg-tmp")
+        .env("AVGATE_AUTH__REQUIRED", "false")
+        .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
+        .env("AVGATE_UPDATES__ENABLED", "false")
+        .config(&config)
+        .reuse_data_dir(&a.data)
+        .start();
+    again.wait_ready(Duration::from_secs(60)).await;
+    let meta = std::fs::symlink_metadata(&used_by_a).unwrap();
+    assert!(meta.is_dir() && !meta.file_type().is_symlink(), "{meta:?}");
+    let big = random_bytes(3 << 20, 12);
+    let (status, body) = post_file(&again.client, &again.url("/scan"), "big.bin", big).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("OK")),
+        "{body}"
+    );
+    assert_eq!(std::fs::read_dir(&theirs).unwrap().count(), 0);
 }

@@ -167,8 +167,7 @@ impl ManagedClamd {
         // clamd spools each stream to a temporary file: keep those in our
         // private directory, and clear what a killed clamd left behind.
         let tmp = temp_dir(config, &dir);
-        let _ = std::fs::remove_dir_all(&tmp);
-        create_private_dir(&tmp)?;
+        make_temp_dir(&tmp)?;
         warn_if_temp_space_short(&tmp, stream_max_length, config.managed.max_threads);
         let conf = clamd_conf(
             config,
@@ -615,6 +614,30 @@ fn temp_dir(config: &Config, clamd_dir: &Path) -> PathBuf {
     }
 }
 
+/// Empties clamd's temporary directory by making it anew. In a shared,
+/// world-writable directory such as /dev/shm another user may have put a
+/// symlink or a directory of theirs at this (predictable) name, to read
+/// the uploads clamd spools: `remove_dir_all` removes a symlink, not its
+/// target, and the directory is then created by us, never found.
+fn make_temp_dir(tmp: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let _ = std::fs::remove_dir_all(tmp);
+    // A shared parent such as /dev/shm is world-writable by design: only
+    // a missing one is made (private).
+    if let Some(parent) = tmp.parent().filter(|p| !p.exists()) {
+        create_private_dir(parent)?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(tmp)
+        .with_context(|| {
+            format!(
+                "cannot create clamd's temporary directory {} (something there could not be removed)",
+                tmp.display()
+            )
+        })
+}
+
 /// Free and total bytes of the file system holding a directory.
 #[derive(Debug, Clone, Copy)]
 pub struct Space {
@@ -644,7 +667,7 @@ fn warn_if_temp_space_short(tmp: &Path, stream_max: u64, threads: usize) {
             free_mib = free >> 20,
             wanted_mib = wanted >> 20,
             "clamd's temporary directory has less free space than {threads} streams of {} MiB \
-             (StreamMaxLength, MaxThreads): scans that do not fit fail with 503 engine_error",
+             (MaxThreads, StreamMaxLength): scans that do not fit fail with 503 engine_error",
             stream_max >> 20
         );
     }

@@ -22,6 +22,7 @@ pub struct ServerBuilder {
     command: Command,
     config: Option<String>,
     stderr_to_file: bool,
+    data: PathBuf,
 }
 
 impl ServerBuilder {
@@ -58,7 +59,13 @@ impl ServerBuilder {
 
     /// The data directory the server will have, for the CLI before it runs.
     pub fn data_dir(&self) -> PathBuf {
-        self.root.path().join("data")
+        self.data.clone()
+    }
+
+    /// Another server's data directory (a restart), instead of a new one.
+    pub fn reuse_data_dir(mut self, data: &Path) -> Self {
+        self.data = data.to_owned();
+        self
     }
 
     pub fn start(mut self) -> Server {
@@ -70,6 +77,7 @@ impl ServerBuilder {
             std::fs::write(&path, text).unwrap();
             self.command.arg("--config").arg(path);
         }
+        self.command.arg("--data-dir").arg(&self.data);
         self.command
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(match self.stderr_to_file {
@@ -112,12 +120,11 @@ impl Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_avgate"));
         command
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(root.path().join("data"))
             .env("AVGATE_CLAMD__HEALTH_INTERVAL", "400ms")
             .env("AVGATE_LOG_FORMAT", "json")
             .stdin(Stdio::null());
         ServerBuilder {
+            data: root.path().join("data"),
             root,
             port,
             command,
