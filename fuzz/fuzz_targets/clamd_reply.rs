@@ -35,7 +35,13 @@ fn check_scan_reply(reply: &[u8]) {
             );
             assert_eq!(text, format!("stream: {name} FOUND"));
         }
-        ScanReply::Error(reason) => assert_eq!(text, format!("stream: {reason} ERROR")),
+        // About the stream (`stream: ... ERROR`) or about the command
+        // itself, e.g. `Error writing to temporary file ERROR`.
+        ScanReply::Error(reason) => assert!(
+            text == format!("stream: {reason} ERROR")
+                || (!reason.trim().is_empty() && text == format!("{reason} ERROR")),
+            "Error({reason:?}) from {text:?}"
+        ),
         ScanReply::SizeLimitExceeded => {
             assert!(text.starts_with("INSTREAM size limit exceeded"))
         }
