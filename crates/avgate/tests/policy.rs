@@ -691,17 +691,17 @@ async fn the_policy_admin_api_is_for_admin_tokens_and_checks_its_input() {
     assert_eq!(listing["entries"].as_array().unwrap().len(), 1);
     assert_eq!(listing["version"].as_u64().unwrap(), version + 1);
 
-    let (s, body) = call(
-        &gw,
-        Method::DELETE,
-        "/v1/admin/policy/pol_nothing",
-        Some(&admin),
-        None,
-    )
-    .await;
-    assert_eq!(
-        (s, body["error"]["code"].as_str()),
-        (404, Some("policy_not_found"))
+    assert_error(
+        &call(
+            &gw,
+            Method::DELETE,
+            "/v1/admin/policy/pol_nothing",
+            Some(&admin),
+            None,
+        )
+        .await,
+        404,
+        "policy_not_found",
     );
     let path = format!("/v1/admin/policy/{}", entry["id"].as_str().unwrap());
     let (s, removed) = call(&gw, Method::DELETE, &path, Some(&admin), None).await;
@@ -710,10 +710,10 @@ async fn the_policy_admin_api_is_for_admin_tokens_and_checks_its_input() {
         (200, Some("removed")),
         "{removed}"
     );
-    let (s, body) = call(&gw, Method::DELETE, &path, Some(&admin), None).await;
-    assert_eq!(
-        (s, body["error"]["code"].as_str()),
-        (409, Some("policy_removed"))
+    assert_error(
+        &call(&gw, Method::DELETE, &path, Some(&admin), None).await,
+        409,
+        "policy_removed",
     );
     let (_, active) = call(&gw, Method::GET, "/v1/admin/policy", Some(&admin), None).await;
     assert_eq!(active["entries"], json!([]));

@@ -246,11 +246,7 @@ async fn bad_requests_get_one_json_error_shape() {
         assert!(json["error"]["message"].as_str().unwrap().len() > 5);
     }
     let r = gw.client.get(gw.url("/v1/scan")).send().await.unwrap();
-    let (status, body) = json(r).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (405, Some("method_not_allowed"))
-    );
+    assert_error(&json(r).await, 405, "method_not_allowed");
     gw.stop().await;
 }
 
@@ -399,11 +395,7 @@ async fn uploads_over_the_limit_get_413_early() {
         .send()
         .await
         .unwrap();
-    let (status, body) = json(r).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (413, Some("file_too_large"))
-    );
+    assert_error(&json(r).await, 413, "file_too_large");
 
     // Raw, chunked (no Content-Length), a stream that would never end: 413
     // once it crosses the limit, while the client is still sending (avgate
@@ -417,11 +409,7 @@ async fn uploads_over_the_limit_get_413_early() {
         .send()
         .await
         .expect("the 413 arrives while the client still sends");
-    let (status, body) = json(r).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (413, Some("file_too_large"))
-    );
+    assert_error(&json(r).await, 413, "file_too_large");
     gw.stop().await;
 }
 
@@ -484,11 +472,7 @@ async fn http2_clients_get_early_answers_not_stream_errors() {
         .await
         .expect("the 413, not a stream error");
     assert_eq!(r.version(), reqwest::Version::HTTP_2);
-    let (status, body) = json(r).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (413, Some("file_too_large"))
-    );
+    assert_error(&json(r).await, 413, "file_too_large");
 
     // Refused in the middle of a stream without a length.
     let pieces = (0..128u64)
@@ -501,11 +485,7 @@ async fn http2_clients_get_early_answers_not_stream_errors() {
         .send()
         .await
         .expect("the 413, not a stream error");
-    let (status, body) = json(r).await;
-    assert_eq!(
-        (status, body["error"]["code"].as_str()),
-        (413, Some("file_too_large"))
-    );
+    assert_error(&json(r).await, 413, "file_too_large");
 
     // The connection still serves.
     let r = h2.get(gw.url("/healthz")).send().await.unwrap();

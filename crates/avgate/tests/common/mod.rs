@@ -567,6 +567,17 @@ pub fn chunked(body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Asserts that an answer (status and JSON, as [`json`] returns it) has
+/// `status` and the error `code`.
+pub fn assert_error(answer: &(u16, serde_json::Value), status: u16, code: &str) {
+    let (got, body) = answer;
+    assert_eq!(
+        (*got, body["error"]["code"].as_str()),
+        (status, Some(code)),
+        "{body}"
+    );
+}
+
 /// Asserts that a raw HTTP/1.1 answer has `status` and the error `code` in
 /// its JSON body.
 pub fn assert_raw_error(answer: &str, status: u16, code: &str) {
