@@ -7,20 +7,23 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::binary::{alive, Server};
+use common::binary::{alive, Server, ServerBuilder};
 use common::*;
 use futures_util::StreamExt;
 
 /// The binary as the tests here run it: no tokens (they have their own
 /// end-to-end test, tests/auth.rs), no freshclam (no mirror is reachable
 /// from the tests).
-fn start() -> Server {
-    Server::builder("avg-srv")
+fn builder(prefix: &str) -> ServerBuilder {
+    Server::builder(prefix)
         .env("AVGATE_AUTH__REQUIRED", "false")
         // Not the fixed default port: tests run side by side.
         .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
         .env("AVGATE_UPDATES__ENABLED", "false")
-        .start()
+}
+
+fn start() -> Server {
+    builder("avg-srv").start()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,15 +186,8 @@ async fn clamd_works_under_managed_temp_dir_beside_another_avgate() {
         .unwrap();
     std::fs::write(base.path().join("keep.txt"), "not avgate's").unwrap();
     let config = format!("[managed]\ntemp_dir = \"{}\"\n", base.path().display());
-    let start = || {
-        Server::builder("avg-tmp")
-            .env("AVGATE_AUTH__REQUIRED", "false")
-            .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
-            .env("AVGATE_UPDATES__ENABLED", "false")
-            .config(&config)
-            .start()
-    };
-    let (a, b) = (start(), start());
+    let with_temp_dir = || builder("avg-tmp").config(&config);
+    let (a, b) = (with_temp_dir().start(), with_temp_dir().start());
     a.wait_ready(Duration::from_secs(60)).await;
     b.wait_ready(Duration::from_secs(60)).await;
 
@@ -262,13 +258,7 @@ async fn clamd_works_under_managed_temp_dir_beside_another_avgate() {
     let theirs = base.path().join("theirs");
     std::fs::create_dir(&theirs).unwrap();
     std::os::unix::fs::symlink(&theirs, &used_by_a).unwrap();
-    let again = Server::builder("avg-tmp")
-        .env("AVGATE_AUTH__REQUIRED", "false")
-        .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
-        .env("AVGATE_UPDATES__ENABLED", "false")
-        .config(&config)
-        .reuse_data_dir(&a.data)
-        .start();
+    let again = with_temp_dir().reuse_data_dir(&a.data).start();
     again.wait_ready(Duration::from_secs(60)).await;
     let meta = std::fs::symlink_metadata(&used_by_a).unwrap();
     assert!(meta.is_dir() && !meta.file_type().is_symlink(), "{meta:?}");
