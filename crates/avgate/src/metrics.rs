@@ -84,8 +84,8 @@ struct Scraped {
     /// Only in managed mode: the file system of clamd's temporary
     /// directory (a tmpfs with `managed.temp_dir`, which node_exporter
     /// skips under /dev and /run).
-    managed_temp_free: Option<IntGauge>,
-    managed_temp_size: Option<IntGauge>,
+    /// Free and total bytes.
+    managed_temp: Option<(IntGauge, IntGauge)>,
 }
 
 impl Metrics {
@@ -170,16 +170,16 @@ impl Metrics {
                     "Times the managed clamd exited and was started again.",
                 )
             }),
-            managed_temp_free: managed.as_ref().map(|_| {
-                r.gauge(
-                    "avgate_managed_clamd_temp_free_bytes",
-                    "Free space for the managed clamd's temporary files (spooled streams, extracted archives).",
-                )
-            }),
-            managed_temp_size: managed.as_ref().map(|_| {
-                r.gauge(
-                    "avgate_managed_clamd_temp_size_bytes",
-                    "Size of the file system holding the managed clamd's temporary files.",
+            managed_temp: managed.as_ref().map(|_| {
+                (
+                    r.gauge(
+                        "avgate_managed_clamd_temp_free_bytes",
+                        "Free space for the managed clamd's temporary files (spooled streams, extracted archives).",
+                    ),
+                    r.gauge(
+                        "avgate_managed_clamd_temp_size_bytes",
+                        "Size of the file system holding the managed clamd's temporary files.",
+                    ),
                 )
             }),
         };
@@ -334,11 +334,7 @@ impl Metrics {
         if let (Some(counter), Some(managed)) = (&s.managed_restarts, &self.sources.managed) {
             catch_up(counter, managed.status().restarts);
         }
-        if let (Some(free), Some(size), Some(managed)) = (
-            &s.managed_temp_free,
-            &s.managed_temp_size,
-            &self.sources.managed,
-        ) {
+        if let (Some((free, size)), Some(managed)) = (&s.managed_temp, &self.sources.managed) {
             if let Some(space) = managed.temp_space() {
                 free.set(space.free as i64);
                 size.set(space.size as i64);
