@@ -75,6 +75,7 @@ struct Scraped {
     backend_max_concurrent: IntGaugeVec,
     backend_fd_passing: IntGaugeVec,
     backend_failures: IntCounterVec,
+    backend_error_replies: IntCounterVec,
     backend_info: IntGaugeVec,
     backend_database_version: IntGaugeVec,
     backend_database_age: prometheus::GaugeVec,
@@ -142,6 +143,11 @@ impl Metrics {
             backend_failures: r.counter_vec(
                 "avgate_backend_failures_total",
                 "Scans or connections that failed on the backend and took it out of rotation.",
+                &["backend"],
+            ),
+            backend_error_replies: r.counter_vec(
+                "avgate_backend_error_replies_total",
+                "Scans the backend answered with an ERROR reply (the file not scanned there; the backend stays in rotation).",
                 &["backend"],
             ),
             backend_info: r.gauge_vec(
@@ -311,6 +317,10 @@ impl Metrics {
             catch_up(
                 &s.backend_failures.with_label_values(&label),
                 status.failures,
+            );
+            catch_up(
+                &s.backend_error_replies.with_label_values(&label),
+                status.error_replies,
             );
             if let Some(probe) = status.last_probe.and_then(unix_seconds) {
                 s.backend_last_probe.with_label_values(&label).set(probe);

@@ -503,6 +503,7 @@ mod tests {
             max_concurrent: 1,
             scans: 0,
             failures: 0,
+            error_replies: 0,
             last_probe: None,
             probe_signature: None,
             database_time: age.map(|a| SystemTime::now() - a),

@@ -122,26 +122,82 @@ async fn a_file_clamd_cannot_spool_fails_alone_and_the_backend_stays_in() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_one_clamd_answers_error_for_is_scanned_on_another() {
+    // The first backend cannot spool more than 256 KiB (its temporary
+    // directory "full"); the second is fine. Of two idle backends the
+    // first in the list gets the scan, so each file below meets the ERROR
+    // first, and must then be scanned on the second.
+    let full = Clamd::with_file_size_limit(256);
+    let fine = Clamd::start("");
+    let mut cfg = config(&[full.address(), fine.address()]);
+    // Streamed (as a file of unknown size or over small_file_max_size is),
+    // so that clamd spools it; under the replay buffer, so it can be sent
+    // again.
+    cfg.clamd.small_file_max_size = avgate::config::ByteSize(0);
+    cfg.replay_buffer = mib(1);
+    let gw = Gateway::start(cfg).await;
+    gw.wait_all_backends_up(Duration::from_secs(10)).await;
+
+    let mut infected = random_bytes(600_000, 11);
+    infected.extend_from_slice(EICAR);
+    let (status, body) = gw.scan("infected.bin", infected).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "FOUND", "{body}");
+    assert_eq!(body["engine"]["backend"], fine.address());
+
+    // A clean file is OK only because the second clamd scanned all of it.
+    let (status, body) = gw.scan("clean.bin", random_bytes(700_000, 12)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "OK", "{body}");
+    assert_eq!(body["engine"]["backend"], fine.address());
+
+    // The first clamd answered, so it stays in rotation, and its ERRORs
+    // are counted for the operator.
+    let (status, ready) = gw.readyz().await;
+    assert_eq!(status, 200);
+    assert_eq!(ready["backends"][0]["state"], "up", "{ready}");
+    let metrics = gw.metrics_text().await;
+    let line = format!(
+        "avgate_backend_error_replies_total{{backend=\"{}\"}} 2",
+        full.address()
+    );
+    assert!(metrics.contains(&line), "no `{line}` in:\n{metrics}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_reply_is_the_answer_when_no_other_backend_can_take_the_file() {
+    // Past the replay buffer the file cannot be sent again; with one
+    // backend there is nowhere to send it. Either way: 503, never OK.
+    let full = Clamd::with_file_size_limit(256);
+    let fine = Clamd::start("");
+    let mut cfg = config(&[full.address(), fine.address()]);
+    cfg.clamd.small_file_max_size = avgate::config::ByteSize(0);
+    cfg.replay_buffer = avgate::config::ByteSize(128 * 1024);
+    let gw = Gateway::start(cfg).await;
+    gw.wait_all_backends_up(Duration::from_secs(10)).await;
+    let answer = gw.scan("big.bin", random_bytes(600_000, 13)).await;
+    assert_error(&answer, 503, "engine_error");
+    assert_eq!(answer.1["status"], "ERROR");
+    gw.stop().await;
+
+    let mut cfg = config(&[full.address()]);
+    cfg.clamd.small_file_max_size = avgate::config::ByteSize(0);
+    let gw = Gateway::start(cfg).await;
+    let answer = gw.scan("big.bin", random_bytes(600_000, 14)).await;
+    assert_error(&answer, 503, "engine_error");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_dying_mid_stream_is_retried_elsewhere_when_replayable() {
     let dying = FakeClamd::start(Fault::DieAfter(100_000)).await;
     let clamd = Clamd::start("");
     let mut cfg = config(&[dying.address.clone(), clamd.address()]);
     cfg.replay_buffer = mib(1);
     let gw = Gateway::start(cfg).await;
-    gw.wait_ready(Duration::from_secs(10)).await;
-    // Wait until both backends are up, so the first scan may go to either.
-    for _ in 0..100 {
-        let (_, ready) = gw.readyz().await;
-        if ready["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|b| b["state"] == "up")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Both backends up, so the first scan may go to either.
+    gw.wait_all_backends_up(Duration::from_secs(10)).await;
     // Under the replay limit: the scan completes on the real clamd.
     let mut data = random_bytes(500_000, 2);
     data.extend_from_slice(EICAR);

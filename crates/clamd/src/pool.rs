@@ -56,6 +56,8 @@ pub struct Backend {
     healthy: AtomicBool,
     scans: AtomicU64,
     failures: AtomicU64,
+    /// Scans it answered with an ERROR reply (the file not scanned there).
+    error_replies: AtomicU64,
     /// Being reloaded: new scans go to the other backends while there are
     /// healthy ones (see [`Backend::set_draining`]).
     draining: AtomicBool,
@@ -115,6 +117,7 @@ pub struct BackendStatus {
     pub max_concurrent: usize,
     pub scans: u64,
     pub failures: u64,
+    pub error_replies: u64,
     pub last_probe: Option<SystemTime>,
     /// The signature name the probe matched (tells test vs. official DB).
     pub probe_signature: Option<String>,
@@ -148,6 +151,7 @@ impl Backend {
             healthy: AtomicBool::new(false),
             scans: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            error_replies: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             fd_passing: AtomicBool::new(unix),
@@ -208,6 +212,7 @@ impl Backend {
             max_concurrent: self.max_concurrent,
             scans: self.scans.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
+            error_replies: self.error_replies.load(Ordering::Relaxed),
             last_probe: state.last_probe,
             probe_signature: state.probe_signature.clone(),
             database_time: state.database_time,
@@ -252,6 +257,13 @@ impl Backend {
     pub fn mark_down(&self, why: &Error) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         self.set_health(Health::Down(why.to_string()));
+    }
+
+    /// Counts a scan that clamd answered with an ERROR reply. The backend
+    /// stays in: clamd answered, and the cause (its temporary directory
+    /// full, a file it cannot handle) may be that one file's.
+    pub fn note_error_reply(&self) {
+        self.error_replies.fetch_add(1, Ordering::Relaxed);
     }
 
     async fn date_by_files(&self) -> Option<(SystemTime, DatabaseDating)> {

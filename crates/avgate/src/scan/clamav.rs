@@ -1,5 +1,6 @@
 //! The ClamAV engine: streams a file to one clamd of the pool, and fails
-//! over to another when its backend dies and the bytes can be replayed.
+//! over to another when its backend dies, or once when it answers ERROR,
+//! and the bytes can be replayed.
 //!
 //! Small files (`clamd.small_file_max_size`) take a shortcut: they are
 //! held until complete (they are held for replay anyway) and sent in one
@@ -98,6 +99,7 @@ impl Engine for ClamavEngine {
             sent: 0,
             early: None,
             last_error: None,
+            retried_after_error: false,
         };
         let small = self.inner.small_file_max;
         if small > 0 && size.upper_bound().is_some_and(|n| n <= small as u64) {
@@ -132,6 +134,8 @@ struct ClamavScan {
     early: Option<ScanReply>,
     /// Why the last backend tried could not be used.
     last_error: Option<String>,
+    /// Already sent to another backend once after an ERROR reply.
+    retried_after_error: bool,
 }
 
 impl ClamavScan {
@@ -242,6 +246,58 @@ impl ClamavScan {
         // Dropping the connection mid-stream is fine: clamd sees EOF.
         self.stream = None;
         self.replay = None;
+    }
+
+    /// After an early ERROR reply the rest of the upload is still held
+    /// (while it fits), so that the file may go to another backend at the
+    /// end; after any other early reply it is dropped.
+    fn hold_after_early_reply(&mut self, chunk: Bytes) {
+        if matches!(self.early, Some(ScanReply::Error(_))) {
+            self.hold(chunk);
+        }
+    }
+
+    /// clamd answered ERROR: the file was not scanned there. That says
+    /// more often something about that clamd than about the file (its
+    /// temporary directory full, out of memory), so once per scan, when
+    /// every byte is still held and another backend is healthy, the file
+    /// goes to that one. Once only: a file that makes every clamd fail
+    /// must not cost every backend a scan. Returns whether the scan moved;
+    /// if not, the reply is the answer.
+    async fn moved_after_error(&mut self, reply: &ScanReply) -> bool {
+        let ScanReply::Error(reason) = reply else {
+            return false;
+        };
+        let Some(lease) = self.lease.take() else {
+            return false;
+        };
+        lease.backend().note_error_reply();
+        let other_healthy = self
+            .settings
+            .pool
+            .backends()
+            .iter()
+            .enumerate()
+            .any(|(i, b)| b.is_healthy() && !self.tried.contains(&i));
+        if self.retried_after_error || self.replay.is_none() || !other_healthy {
+            self.lease = Some(lease);
+            return false;
+        }
+        tracing::warn!(backend = %lease.backend().address, %reason, "clamd could not scan the file; sending it to another backend");
+        // Frees the slot before waiting for another one.
+        drop(lease);
+        self.retried_after_error = true;
+        self.stream = None;
+        self.sent = 0;
+        self.last_error = Some(format!("clamd: {reason}"));
+        if self.acquire().await.is_err() {
+            // No other slot after all: the ERROR is the answer.
+            return false;
+        }
+        if self.over_stream_max(self.replay_bytes as u64) {
+            self.give_up_unscanned();
+        }
+        true
     }
 
     /// Keeps `chunk` for a replay (or a descriptor) while it fits.
@@ -513,6 +569,7 @@ fn memory_file() -> std::io::Result<std::fs::File> {
 impl EngineScan for ClamavScan {
     async fn feed(&mut self, chunk: Bytes) -> Result<(), EngineError> {
         if self.early.is_some() {
+            self.hold_after_early_reply(chunk);
             return Ok(());
         }
         if self.over_stream_max(self.sent.max(self.replay_bytes as u64) + chunk.len() as u64) {
@@ -529,6 +586,7 @@ impl EngineScan for ClamavScan {
             // so far.
             self.start_stream().await?;
             if self.early.is_some() {
+                self.hold_after_early_reply(chunk);
                 return Ok(());
             }
         }
@@ -561,7 +619,12 @@ impl EngineScan for ClamavScan {
 
     async fn finish(mut self: Box<Self>) -> Result<EngineReport, EngineError> {
         loop {
+            // Every reply comes through here (`early`), so that an ERROR
+            // may move the file to another backend.
             if let Some(reply) = self.early.take() {
+                if self.moved_after_error(&reply).await {
+                    continue;
+                }
                 return self.done(reply).await;
             }
             if self.stream.is_none() {
@@ -576,7 +639,8 @@ impl EngineScan for ClamavScan {
                         }
                     }
                     if let Some(reply) = self.scan_held().await? {
-                        return self.done(reply).await;
+                        self.early = Some(reply);
+                        continue;
                     }
                     if self.stream.is_some() || self.early.is_some() {
                         continue; // failed over to another backend's stream
@@ -590,8 +654,7 @@ impl EngineScan for ClamavScan {
                 .take()
                 .ok_or_else(|| EngineError::Failed("no stream".into()))?;
             match stream.finish().await {
-                Ok(reply) => return self.done(reply).await,
-                Err(clamd::Error::EarlyReply(reply)) => return self.done(reply).await,
+                Ok(reply) | Err(clamd::Error::EarlyReply(reply)) => self.early = Some(reply),
                 Err(e) if e.is_timeout() => {
                     if let Some(lease) = &self.lease {
                         lease.backend().mark_down(&e);

@@ -276,6 +276,34 @@ impl Gateway {
         }
     }
 
+    /// Waits until /readyz lists every backend as up, so that a scan may
+    /// go to any of them.
+    pub async fn wait_all_backends_up(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (_, ready) = self.readyz().await;
+            let backends = ready["backends"].as_array().cloned().unwrap_or_default();
+            if !backends.is_empty() && backends.iter().all(|b| b["state"] == "up") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "backends not all up: {ready}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The metrics listener's exposition text.
+    pub async fn metrics_text(&self) -> String {
+        let addr = self.metrics_addr.expect("the metrics listener is on");
+        let r = self
+            .client
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    }
+
     /// `GET /readyz`: status and JSON.
     pub async fn readyz(&self) -> (u16, serde_json::Value) {
         json(self.client.get(self.url("/readyz")).send().await.unwrap()).await
