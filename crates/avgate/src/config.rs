@@ -915,6 +915,11 @@ impl<'de> Deserialize<'de> for Humantime {
 mod tests {
     use super::*;
 
+    /// The configuration from defaults and these environment variables.
+    fn load_env(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load(None, env(pairs), &Overrides::default())
+    }
+
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
@@ -924,7 +929,7 @@ mod tests {
 
     #[test]
     fn defaults_are_safe() {
-        let c = Config::load(None, vec![], &Overrides::default()).unwrap();
+        let c = load_env(&[]).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.max_size.0, 150 * 1024 * 1024);
         assert!(c.clamd.backends.is_empty(), "managed clamd by default");
@@ -932,7 +937,7 @@ mod tests {
 
     #[test]
     fn authentication_is_required_unless_loopback_or_explicitly_public() {
-        let c = Config::load(None, vec![], &Overrides::default()).unwrap();
+        let c = load_env(&[]).unwrap();
         assert!(c.auth.required, "tokens are required by default");
         let public = Overrides {
             listen: Some("0.0.0.0:8080".parse().unwrap()),
@@ -965,34 +970,24 @@ mod tests {
 
     #[test]
     fn worker_threads_default_to_half_the_cpus_and_can_be_set() {
-        let c = Config::load(None, vec![], &Overrides::default()).unwrap();
+        let c = load_env(&[]).unwrap();
         let cpus = std::thread::available_parallelism().unwrap().get();
         assert_eq!(c.runtime_workers(), (cpus / 2).max(1));
-        let c = Config::load(
-            None,
-            env(&[("AVGATE_WORKER_THREADS", "3")]),
-            &Overrides::default(),
-        )
-        .unwrap();
+        let c = load_env(&[("AVGATE_WORKER_THREADS", "3")]).unwrap();
         assert_eq!(c.runtime_workers(), 3);
     }
 
     #[test]
     fn log_lines_wait_100ms_by_default_and_0_writes_each_at_once() {
-        let c = Config::load(None, vec![], &Overrides::default()).unwrap();
+        let c = load_env(&[]).unwrap();
         assert_eq!(c.log_flush_interval.0, Duration::from_millis(100));
-        let c = Config::load(
-            None,
-            env(&[("AVGATE_LOG_FLUSH_INTERVAL", "0")]),
-            &Overrides::default(),
-        )
-        .unwrap();
+        let c = load_env(&[("AVGATE_LOG_FLUSH_INTERVAL", "0")]).unwrap();
         assert_eq!(c.log_flush_interval.0, Duration::ZERO);
     }
 
     #[test]
     fn metrics_listen_on_loopback_and_never_on_the_public_listener() {
-        let c = Config::load(None, vec![], &Overrides::default()).unwrap();
+        let c = load_env(&[]).unwrap();
         assert!(c.metrics.enabled);
         assert_eq!(c.metrics.listen.to_string(), "127.0.0.1:9464");
         let flag = Overrides {
@@ -1017,20 +1012,16 @@ mod tests {
 
     #[test]
     fn updates_and_freshness_settings() {
-        let c = Config::load(None, vec![], &Overrides::default()).unwrap();
+        let c = load_env(&[]).unwrap();
         assert_eq!(c.max_database_age.0, Duration::from_secs(3 * 86_400));
         assert_eq!(c.updates.enabled, None, "auto by default");
         assert_eq!(c.updates.interval.0, Duration::from_secs(6 * 3600));
         assert!(!c.updates.reload_external);
-        let c = Config::load(
-            None,
-            env(&[
-                ("AVGATE_UPDATES__ENABLED", "false"),
-                ("AVGATE_MAX_DATABASE_AGE", "1d"),
-                ("AVGATE_LOG_LEVEL", "avgate=debug,clamd=warn"),
-            ]),
-            &Overrides::default(),
-        )
+        let c = load_env(&[
+            ("AVGATE_UPDATES__ENABLED", "false"),
+            ("AVGATE_MAX_DATABASE_AGE", "1d"),
+            ("AVGATE_LOG_LEVEL", "avgate=debug,clamd=warn"),
+        ])
         .unwrap();
         assert_eq!(c.updates.enabled, Some(false));
         assert_eq!(c.max_database_age.0, Duration::from_secs(86_400));
@@ -1044,31 +1035,16 @@ mod tests {
             "http://mirror.internal",
         )]));
         assert!(Config::load(None, private, &Overrides::default()).is_ok());
-        let err = Config::load(
-            None,
-            env(&[("AVGATE_LOG_LEVEL", "avgate=loud")]),
-            &Overrides::default(),
-        )
-        .unwrap_err();
+        let err = load_env(&[("AVGATE_LOG_LEVEL", "avgate=loud")]).unwrap_err();
         assert!(err.to_string().contains("log_level"), "{err}");
     }
 
     #[test]
     fn managed_temp_dir_must_be_absolute() {
-        let c = Config::load(
-            None,
-            env(&[("AVGATE_MANAGED__TEMP_DIR", "/dev/shm")]),
-            &Overrides::default(),
-        )
-        .unwrap();
+        let c = load_env(&[("AVGATE_MANAGED__TEMP_DIR", "/dev/shm")]).unwrap();
         assert_eq!(c.managed.temp_dir, Some(PathBuf::from("/dev/shm")));
         // clamd would resolve a relative one against its working directory.
-        let err = Config::load(
-            None,
-            env(&[("AVGATE_MANAGED__TEMP_DIR", "shm")]),
-            &Overrides::default(),
-        )
-        .unwrap_err();
+        let err = load_env(&[("AVGATE_MANAGED__TEMP_DIR", "shm")]).unwrap_err();
         assert!(err.to_string().contains("managed.temp_dir"), "{err}");
     }
 
@@ -1108,12 +1084,7 @@ mod tests {
         std::fs::write(&file, "max_sise = \"1M\"\n").unwrap();
         let err = Config::load(Some(&file), vec![], &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("max_sise"), "{err}");
-        let err = Config::load(
-            None,
-            env(&[("AVGATE_CLAMD__TIMEOUTT", "1s")]),
-            &Overrides::default(),
-        )
-        .unwrap_err();
+        let err = load_env(&[("AVGATE_CLAMD__TIMEOUTT", "1s")]).unwrap_err();
         assert!(err.to_string().contains("timeoutt"), "{err}");
     }
 
