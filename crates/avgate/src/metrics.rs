@@ -2,7 +2,7 @@
 //! loopback by default), never on the public one.
 //!
 //! Counters and histograms are updated where things happen: requests in
-//! [`track_requests`] (by matched route, never the raw path, and by the
+//! `http::request_context` (by matched route, never the raw path, and by the
 //! error body's `code`), scans in [`crate::http::observe`]. What the pool
 //! and the managed clamd know (backend health, in-flight, signature
 //! versions, restarts) is read when Prometheus scrapes, so it costs the
@@ -15,11 +15,10 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -266,17 +265,25 @@ impl Metrics {
         self.scans.with_label_values(&["error", engine]).inc();
     }
 
-    fn request_done(&self, route: &str, method: &Method, status: StatusCode, elapsed: Duration) {
+    /// An answered request, by matched route (never the raw path), method
+    /// and status, its duration, and an error answer by its `code`.
+    pub fn request_done(
+        &self,
+        route: &str,
+        method: &Method,
+        response: &Response,
+        elapsed: Duration,
+    ) {
+        let status = response.status();
         self.requests
             .with_label_values(&[route, method_label(method), status.as_str()])
             .inc();
         self.request_duration
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
-    }
-
-    fn rejected(&self, code: &str) {
-        self.rejections.with_label_values(&[code]).inc();
+        if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
+            self.rejections.with_label_values(&[code]).inc();
+        }
     }
 
     /// Reads the backends and the managed clamd, then renders everything
@@ -407,25 +414,6 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
     }
-}
-
-/// The middleware on the public router: requests by matched route, method
-/// and status, their duration, and error responses by `code`.
-pub async fn track_requests(
-    State(metrics): State<Arc<Metrics>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let method = request.method().clone();
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let route = route.as_ref().map_or(UNMATCHED, |p| p.as_str());
-    let response = next.run(request).await;
-    metrics.request_done(route, &method, response.status(), started.elapsed());
-    if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
-        metrics.rejected(code);
-    }
-    response
 }
 
 /// The metrics listener's router: `GET /metrics`, nothing else.
