@@ -122,7 +122,9 @@ EOF
 echo "== starting clamd ($("$CLAMD" --version))"
 # clamd makes and removes a directory there for every scan: its file system
 # moves small-file figures by half (docs/performance.md).
-fs_type() { findmnt -n -o FSTYPE --target "$1" 2>/dev/null || stat -f -c %T "$1"; }
+# The last line: a directory mounted over twice (as /dev/shm can be) is
+# listed once per mount, the one in effect last.
+fs_type() { { findmnt -n -o FSTYPE --target "$1" 2>/dev/null || stat -f -c %T "$1"; } | tail -n 1; }
 echo "   TemporaryDirectory $CLAMD_TMP ($(fs_type "$CLAMD_TMP"))"
 "$CLAMD" --foreground --config-file="$WORK/clamd.conf" >"$WORK/clamd.out" 2>&1 &
 CLAMD_PID=$!

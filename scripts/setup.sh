@@ -11,8 +11,10 @@ if [ "$mode" = test ]; then
     # zip: makes an encrypted archive; docker-compose: validates deploy/;
     # pebble: an ACME test CA; openssl: s_client offers old TLS versions;
     # prometheus: promtool checks the metrics output and the alert rules;
-    # clamav: sigtool builds versioned test databases (.cud).
-    packages+=(clamdscan clamav-testfiles zip docker-compose pebble openssl prometheus clamav)
+    # clamav: sigtool builds versioned test databases (.cud);
+    # curl, python3-requests: the README's examples are run as written.
+    packages+=(clamdscan clamav-testfiles zip docker-compose pebble openssl prometheus clamav
+        curl python3-requests)
 fi
 
 missing=()
@@ -26,6 +28,14 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The README's Python example uses requests. Debian's package serves the
+# system python3; a python3 of its own (pyenv, a virtualenv) gets it from
+# PyPI.
+if [ "$mode" = test ] && ! python3 -c 'import requests' >/dev/null 2>&1; then
+    echo "==> installing the Python package requests for $(command -v python3)"
+    python3 -m pip install --quiet requests
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

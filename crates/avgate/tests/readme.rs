@@ -1,0 +1,154 @@
+//! The README's examples, run as a user would paste them: the quick-start
+//! curl, the raw-body curl and the Python client, against a real avgate
+//! with tokens required and a real clamd. Only the address is changed
+//! (the tests never use the fixed port 8080). A token comes from
+//! `avgate token create`, as the README says.
+//!
+//! Not run here: the Go fragment (no Go toolchain on the test machines)
+//! and the Node.js one (it needs Node 20+, which Debian 12 and Ubuntu
+//! 22.04 do not package).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+/// The README's text.
+fn readme() -> String {
+    std::fs::read_to_string(repo_root().join("README.md")).unwrap()
+}
+
+/// The first fenced code block after the line that starts with `marker`.
+fn block_after(text: &str, marker: &str) -> String {
+    let start = text
+        .find(marker)
+        .unwrap_or_else(|| panic!("README has no `{marker}`"));
+    let rest = &text[start..];
+    let open = rest.find("```").expect("a code block follows");
+    let body = &rest[open..];
+    let body = &body[body.find('\n').unwrap() + 1..];
+    let close = body.find("```").expect("the code block ends");
+    body[..close].to_owned()
+}
+
+/// A gateway with tokens required and a token made by the CLI.
+async fn gateway_with_token(clamd: &Clamd, dir: &Path) -> (Gateway, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_avgate"))
+        .args(["token", "create", "--name", "readme", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert!(token.starts_with("avg_"), "{token}");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.auth.required = true;
+    cfg.data_dir = dir.to_owned();
+    (Gateway::start(cfg).await, token)
+}
+
+/// Runs `program` with `args` in `dir`, with `TOKEN` set, and the README's
+/// address replaced by the gateway's in `code`.
+fn run(gw: &Gateway, dir: &Path, token: &str, program: &str, flag: &str, code: &str) -> Output {
+    let code = code.replace("http://127.0.0.1:8080", &format!("http://{}", gw.addr));
+    Command::new(program)
+        .arg(flag)
+        .arg(code)
+        .current_dir(dir)
+        .env("TOKEN", token)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (scripts/setup.sh test installs it): {e}"))
+}
+
+fn stdout_json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_start_curl_finds_eicar() {
+    let clamd = Clamd::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, token) = gateway_with_token(&clamd, dir.path()).await;
+
+    // The block writes eicar.com with printf and posts it; its first line
+    // is where the user pastes the token, which TOKEN already holds.
+    let block = block_after(&readme(), "Then, from another terminal:");
+    let script: String = block
+        .lines()
+        .filter(|l| !l.starts_with("export TOKEN="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let out = run(&gw, dir.path(), &token, "sh", "-c", &script);
+    let body = stdout_json(&out);
+    assert_eq!(body["filename"], "eicar.com", "{body}");
+    assert_eq!(body["status"], "FOUND", "{body}");
+    assert_eq!(body["size"], 68, "the README's EICAR string: {body}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raw_body_curl_and_the_python_client_tell_clean_from_infected() {
+    let clamd = Clamd::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, token) = gateway_with_token(&clamd, dir.path()).await;
+    let text = readme();
+    let curl = block_after(&text, "**curl**, raw body:");
+    let python = block_after(&text, "**Python** (requests):");
+    let invoice = dir.path().join("invoice.pdf");
+
+    // A clean file: curl's answer says OK, and the Python client goes on.
+    std::fs::write(&invoice, random_bytes(200_000, 21)).unwrap();
+    let body = stdout_json(&run(&gw, dir.path(), &token, "sh", "-c", &curl));
+    assert_eq!(body["filename"], "invoice.pdf", "{body}");
+    assert_eq!(body["status"], "OK", "{body}");
+    let out = run(&gw, dir.path(), &token, "python3", "-c", &python);
+    assert!(
+        out.status.success(),
+        "the Python client rejected a clean file: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // An infected one: FOUND, and the Python client raises.
+    let mut infected = random_bytes(100_000, 22);
+    infected.extend_from_slice(EICAR);
+    std::fs::write(&invoice, infected).unwrap();
+    let body = stdout_json(&run(&gw, dir.path(), &token, "sh", "-c", &curl));
+    assert_eq!(body["status"], "FOUND", "{body}");
+    let out = run(&gw, dir.path(), &token, "python3", "-c", &python);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the Python client accepted EICAR");
+    assert!(
+        stderr.contains("RuntimeError: rejected") && stderr.contains("FOUND"),
+        "{stderr}"
+    );
+
+    // Not scanned (clamd gone): the Python client must not accept it.
+    drop(clamd);
+    std::fs::write(&invoice, random_bytes(1000, 23)).unwrap();
+    let out = run(&gw, dir.path(), &token, "python3", "-c", &python);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the Python client accepted an unscanned file"
+    );
+    assert!(stderr.contains("engine_unavailable"), "{stderr}");
+    gw.stop().await;
+}
