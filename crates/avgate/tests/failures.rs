@@ -209,6 +209,21 @@ async fn a_backend_dying_mid_stream_is_retried_elsewhere_when_replayable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ok_from_a_clamd_that_hung_up_mid_stream_is_not_a_verdict() {
+    // The backend answers `stream: OK` after 100 kB of a 2 MiB stream and
+    // closes the connection: avgate's next write fails, and it reads that
+    // reply. clamd had part of the file, so OK would be a lie.
+    let early = FakeClamd::start(Fault::OkAfter(100_000)).await;
+    let mut cfg = config(std::slice::from_ref(&early.address));
+    cfg.replay_buffer = avgate::config::ByteSize(64 * 1024);
+    let gw = Gateway::start(cfg).await;
+    let answer = gw.scan("big.bin", random_bytes(2 << 20, 4)).await;
+    assert_error(&answer, 503, "engine_error");
+    assert_eq!(answer.1["status"], "ERROR");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_dying_mid_stream_past_the_replay_buffer_gives_503() {
     let dying = FakeClamd::start(Fault::DieAfter(300_000)).await;
     let mut cfg = config(std::slice::from_ref(&dying.address));

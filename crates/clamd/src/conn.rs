@@ -454,7 +454,13 @@ impl Instream {
         // A short wait: either the reply is already in our receive buffer,
         // or the connection is simply gone.
         match self.conn.read_reply(Duration::from_secs(1)).await {
+            // clamd hung up before it had the whole stream: an OK covers
+            // only what it read. A detection or an error stands as it is.
             Ok(reply) => match ScanReply::parse(&reply) {
+                Ok(ScanReply::Clean) => Error::Protocol(proto::ParseError::Unexpected(format!(
+                    "{} before the stream ended",
+                    String::from_utf8_lossy(&reply)
+                ))),
                 Ok(reply) => Error::EarlyReply(reply),
                 Err(e) => Error::Protocol(e),
             },
@@ -577,6 +583,40 @@ mod tests {
             seen == expected,
             "the bytes on the wire differ from the framing"
         );
+    }
+
+    #[tokio::test]
+    async fn an_ok_before_the_stream_ended_is_not_a_verdict() {
+        // A server that answers OK after the first chunk and hangs up: the
+        // next write fails and the reply is read, but it covers only what
+        // was read. A detection in the same place is still a detection.
+        for (reply, ok) in [(&b"stream: OK\0"[..], false), (b"stream: X FOUND\0", true)] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = Address::Tcp(listener.local_addr().unwrap().to_string());
+            tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut head = vec![0u8; 100_000];
+                s.read_exact(&mut head).await.unwrap();
+                s.write_all(reply).await.unwrap();
+            });
+            let conn = Connection::connect(&addr, Timeouts::default())
+                .await
+                .unwrap();
+            let mut stream = conn.instream().await.unwrap();
+            let data = vec![7u8; 8 << 20];
+            let err = match stream.send(&data).await {
+                Ok(()) => stream.finish().await.unwrap_err(),
+                Err(e) => e,
+            };
+            if ok {
+                assert!(
+                    matches!(&err, Error::EarlyReply(ScanReply::Found(name)) if name == "X"),
+                    "{err:?}"
+                );
+            } else {
+                assert!(matches!(err, Error::Protocol(_)), "{err:?}");
+            }
+        }
     }
 
     #[tokio::test]

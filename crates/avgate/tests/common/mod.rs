@@ -431,6 +431,9 @@ pub enum Fault {
     Malformed,
     /// Reads this many payload bytes, then drops the connection.
     DieAfter(usize),
+    /// Reads this many payload bytes, answers `stream: OK` and drops the
+    /// connection: a verdict on a stream it did not have in full.
+    OkAfter(usize),
     /// No fault: answers `stream: OK` (for tests of what VERSION says,
     /// such as a signed database's age, which a test clamd cannot have).
     None,
@@ -521,8 +524,11 @@ async fn fake_session(
                     if payload.len() < 4096 {
                         payload.extend_from_slice(&chunk[..len.min(4096)]);
                     }
-                    if let Fault::DieAfter(n) = fault {
+                    if let Fault::DieAfter(n) | Fault::OkAfter(n) = fault {
                         if total >= n && payload != EICAR {
+                            if let Fault::OkAfter(_) = fault {
+                                s.write_all(&reply("stream: OK")).await?;
+                            }
                             return Ok(()); // drop the connection mid-stream
                         }
                     }
@@ -537,7 +543,7 @@ async fn fake_session(
                         Fault::Malformed => {
                             s.write_all(&reply("stream: it is probably fine")).await?
                         }
-                        Fault::DieAfter(_) => {}
+                        Fault::DieAfter(_) | Fault::OkAfter(_) => {}
                         Fault::None => s.write_all(&reply("stream: OK")).await?,
                     }
                     if !matches!(fault, Fault::None) {
