@@ -251,6 +251,50 @@ async fn bad_requests_get_one_json_error_shape() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_short_is_invalid_never_scanned_as_it_stands() {
+    // What arrived (clean data) would scan OK; but it is not the file the
+    // client meant to send, so it must not get a verdict.
+    let clamd = Clamd::start("");
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+    let data = random_bytes(500, 41);
+    let raw = "POST /v1/scan/raw?filename=a.bin HTTP/1.1\r\nHost: x\r\n\
+               Content-Type: application/octet-stream\r\n";
+    let form = multipart_body("XX", &[("file", Some(&b"a.bin"[..]), &data)]);
+    let multipart = "POST /v1/scan HTTP/1.1\r\nHost: x\r\n\
+                     Content-Type: multipart/form-data; boundary=XX\r\n";
+    let mut chunk = format!("{:x}\r\n", data.len()).into_bytes();
+    chunk.extend_from_slice(&data);
+    chunk.extend_from_slice(b"\r\n");
+    let cases = [
+        // Content-Length promises more than comes.
+        (format!("{raw}Content-Length: 1000\r\n\r\n"), data.clone()),
+        // Chunked, without the last chunk.
+        (
+            format!("{raw}Transfer-Encoding: chunked\r\n\r\n"),
+            chunk.clone(),
+        ),
+        // A complete form, but less than its Content-Length.
+        (
+            format!("{multipart}Content-Length: {}\r\n\r\n", form.len() + 100),
+            form.clone(),
+        ),
+        // A form cut off inside the file part.
+        (
+            format!("{multipart}Content-Length: {}\r\n\r\n", form.len()),
+            form[..form.len() - 40].to_vec(),
+        ),
+    ];
+    for (head, body) in cases {
+        let answer = send_cut_short_then_read(gw.addr, &head, &body)
+            .await
+            .unwrap();
+        assert_raw_error(&answer, 400, "invalid_body");
+        assert!(!answer.contains("\"OK\""), "{head}: {answer}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_filenames_are_sanitized_or_refused_never_echoed() {
     let clamd = Clamd::start("");
     let gw = Gateway::start(config(&[clamd.address()])).await;

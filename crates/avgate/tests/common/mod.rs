@@ -576,6 +576,23 @@ async fn read_command(s: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>>
 /// Writes `head`, then all of `body`, and only then reads the answer, as
 /// Python's requests and most scripts do. The error if a write or the
 /// read failed (the connection was reset under the client).
+/// Sends a request head and a body that ends before the request says it
+/// does, closes the sending side (as a client whose upload broke off but
+/// still waits for the answer), and reads the answer.
+pub async fn send_cut_short_then_read(
+    addr: std::net::SocketAddr,
+    head: &str,
+    body: &[u8],
+) -> std::io::Result<String> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body).await?;
+    stream.shutdown().await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
 pub async fn send_all_then_read(
     addr: std::net::SocketAddr,
     head: &str,
