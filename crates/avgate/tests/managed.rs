@@ -175,6 +175,44 @@ async fn a_zip_member_larger_than_the_upload_limit_is_still_scanned_to_its_end()
     assert_eq!(body["status"], "FOUND", "{body}");
 }
 
+/// Regression: clamd runs PCRE subsignatures (a large part of the official
+/// logical signatures) only on files up to PCREMaxFileSize, 100M by
+/// default, and skips them on larger ones without any alert. The managed
+/// clamd.conf must let them see the whole of an accepted upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pcre_signatures_still_match_in_a_file_over_100_mb() {
+    // A local signature beside the built-in test ones: the marker as the
+    // trigger, then a PCRE subsignature.
+    let signatures = tempfile::tempdir().unwrap();
+    let marker = b"AVGATE-PCRE-MARKER";
+    let hex: String = marker.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(
+        signatures.path().join("local.ldb"),
+        format!("Local.Pcre.Marker;Engine:81-255,Target:0;0&1;{hex};0/AVGATE-PCRE-MARKER-[0-9]{{6}}-END/\n"),
+    )
+    .unwrap();
+    let server = builder("avg-pcre")
+        .env(
+            "AVGATE_MANAGED__DATABASE_DIR",
+            signatures.path().to_str().unwrap(),
+        )
+        .start();
+    server.wait_ready(Duration::from_secs(60)).await;
+    let url = server.url("/v1/scan");
+    let scan = |data: Vec<u8>| post_file(&server.client, &url, "m.bin", data);
+
+    let tail = b"AVGATE-PCRE-MARKER-123456-END".to_vec();
+    let (status, body) = scan(tail.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["signature"], "Local.Pcre.Marker.UNOFFICIAL", "{body}");
+
+    let mut big = random_bytes(110 << 20, 51);
+    big.extend_from_slice(&tail);
+    let (status, body) = scan(big).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["signature"], "Local.Pcre.Marker.UNOFFICIAL", "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clamd_works_under_managed_temp_dir_beside_another_avgate() {
     use std::os::unix::fs::PermissionsExt;

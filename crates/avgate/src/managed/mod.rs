@@ -720,6 +720,8 @@ fn clamd_conf(
          StreamMaxLength {stream_max}\n\
          MaxFileSize {max_size}\n\
          MaxScanSize {scan_size}\n\
+         # PCRE subsignatures skip larger files silently (100M by default).\n\
+         PCREMaxFileSize {max_size}\n\
          MaxRecursion 17\n\
          MaxFiles 10000\n\
          MaxScanTime {scan_ms}\n\
@@ -776,6 +778,7 @@ mod tests {
             "DatabaseDirectory /d/db",
             "MaxFileSize 629145600",
             "MaxScanSize 629145600",
+            "PCREMaxFileSize 629145600",
             "TemporaryDirectory /d/tmp",
             "StreamMaxLength 157286401",
             "MaxThreads 8",
