@@ -101,6 +101,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             crate::managed::warn_about_external_clamd(
                 address,
                 std::path::Path::new(crate::managed::SYSTEM_CLAMD_CONF),
+                config.max_size.0,
             );
         }
         let backends: Vec<BackendConfig> = external

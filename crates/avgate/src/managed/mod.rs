@@ -828,15 +828,33 @@ pub const SYSTEM_CLAMD_CONF: &str = "/etc/clamav/clamd.conf";
 #[derive(Debug, PartialEq, Eq)]
 pub struct ExternalCheck {
     pub alert_exceeds_max: bool,
+    /// `PCREMaxFileSize` in bytes (clamd's default when the file does not
+    /// set it); `None` when it does not parse.
+    pub pcre_max_file_size: Option<u64>,
+}
+
+/// clamd's `PCREMaxFileSize` when its clamd.conf does not set it.
+const CLAMD_DEFAULT_PCRE_MAX_FILE_SIZE: u64 = 100 << 20;
+
+/// A clamd.conf size: digits, then optionally K or M (any case), as
+/// clamd's option parser reads them.
+fn clamd_size(value: &str) -> Option<u64> {
+    let (digits, unit) = match value.char_indices().last()? {
+        (i, 'k' | 'K') => (&value[..i], 1 << 10),
+        (i, 'm' | 'M') => (&value[..i], 1 << 20),
+        _ => (value, 1),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(unit)
 }
 
 /// Reads `conf` and, if it configures the clamd at `address` (same
-/// LocalSocket, or same TCPSocket port), reports whether it sets
-/// `AlertExceedsMax yes`. `None` when it cannot tell.
+/// LocalSocket, or same TCPSocket port), reports what it sets that avgate
+/// cannot see through the protocol. `None` when it cannot tell.
 pub fn check_external_conf(address: &clamd::Address, conf: &str) -> Option<ExternalCheck> {
     let mut local_socket = None;
     let mut tcp_port = None;
     let mut alert = false;
+    let mut pcre_max = Some(CLAMD_DEFAULT_PCRE_MAX_FILE_SIZE);
     for line in conf.lines() {
         let line = line.trim();
         if line.starts_with('#') {
@@ -852,6 +870,7 @@ pub fn check_external_conf(address: &clamd::Address, conf: &str) -> Option<Exter
             "AlertExceedsMax" => {
                 alert = matches!(value.to_ascii_lowercase().as_str(), "yes" | "true" | "1")
             }
+            "PCREMaxFileSize" => pcre_max = clamd_size(value),
             _ => {}
         }
     }
@@ -869,25 +888,39 @@ pub fn check_external_conf(address: &clamd::Address, conf: &str) -> Option<Exter
     };
     matches.then_some(ExternalCheck {
         alert_exceeds_max: alert,
+        pcre_max_file_size: pcre_max,
     })
 }
 
 /// Warns at start-up when an external clamd on this host is known to
-/// answer OK for files it did not fully scan.
-pub fn warn_about_external_clamd(address: &clamd::Address, conf_path: &Path) {
+/// answer OK for files it did not fully scan, or to skip its PCRE
+/// signatures on files avgate accepts (`max_size`).
+pub fn warn_about_external_clamd(address: &clamd::Address, conf_path: &Path, max_size: u64) {
     let Ok(conf) = std::fs::read_to_string(conf_path) else {
         return;
     };
-    if let Some(check) = check_external_conf(address, &conf) {
-        if !check.alert_exceeds_max {
-            tracing::warn!(
-                backend = %address,
-                config = %conf_path.display(),
-                "this clamd runs without `AlertExceedsMax yes`: it answers OK for files over its \
-                 MaxFileSize/MaxScanSize or scans past MaxScanTime without scanning them. \
-                 Set AlertExceedsMax yes (and AlertEncrypted yes) in its clamd.conf."
-            );
-        }
+    let Some(check) = check_external_conf(address, &conf) else {
+        return;
+    };
+    if !check.alert_exceeds_max {
+        tracing::warn!(
+            backend = %address,
+            config = %conf_path.display(),
+            "this clamd runs without `AlertExceedsMax yes`: it answers OK for files over its \
+             MaxFileSize/MaxScanSize or scans past MaxScanTime without scanning them. \
+             Set AlertExceedsMax yes (and AlertEncrypted yes) in its clamd.conf."
+        );
+    }
+    if let Some(pcre_max) = check.pcre_max_file_size.filter(|&n| n < max_size) {
+        tracing::warn!(
+            backend = %address,
+            config = %conf_path.display(),
+            pcre_max_file_size = pcre_max,
+            max_size,
+            "this clamd's PCREMaxFileSize is below avgate's max_size: it skips its PCRE \
+             signatures on larger files without saying so. Set PCREMaxFileSize to its \
+             MaxFileSize in its clamd.conf."
+        );
     }
 }
 
@@ -902,20 +935,32 @@ mod external_tests {
         assert_eq!(
             check_external_conf(&unix, conf),
             Some(ExternalCheck {
-                alert_exceeds_max: false
+                alert_exceeds_max: false,
+                pcre_max_file_size: Some(100 << 20),
             })
         );
         let other: clamd::Address = "unix:/tmp/other.sock".parse().unwrap();
         assert_eq!(check_external_conf(&other, conf), None);
-        let conf = "TCPSocket 3310\nAlertExceedsMax yes\n";
+        let conf = "TCPSocket 3310\nAlertExceedsMax yes\nPCREMaxFileSize 600M\n";
         let tcp: clamd::Address = "tcp://127.0.0.1:3310".parse().unwrap();
         assert_eq!(
             check_external_conf(&tcp, conf),
             Some(ExternalCheck {
-                alert_exceeds_max: true
+                alert_exceeds_max: true,
+                pcre_max_file_size: Some(600 << 20),
             })
         );
         let remote: clamd::Address = "tcp://10.0.0.5:3310".parse().unwrap();
         assert_eq!(check_external_conf(&remote, conf), None);
+    }
+
+    #[test]
+    fn clamd_sizes_parse_as_clamd_reads_them() {
+        assert_eq!(clamd_size("150M"), Some(150 << 20));
+        assert_eq!(clamd_size("512k"), Some(512 << 10));
+        assert_eq!(clamd_size("1048576"), Some(1 << 20));
+        assert_eq!(clamd_size("lots"), None);
+        assert_eq!(clamd_size("M"), None);
+        assert_eq!(clamd_size(""), None);
     }
 }
