@@ -177,18 +177,30 @@ async fn a_zip_member_larger_than_the_upload_limit_is_still_scanned_to_its_end()
 
 /// Regression: clamd runs PCRE subsignatures (a large part of the official
 /// logical signatures) only on files up to PCREMaxFileSize, 100M by
-/// default, and skips them on larger ones without any alert. The managed
-/// clamd.conf must let them see the whole of an accepted upload.
+/// default, and normalized-HTML signatures only on HTML up to
+/// MaxHTMLNormalize, 40M; past them it skips them without any alert. The
+/// managed clamd.conf must let them see the whole of an accepted upload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pcre_signatures_still_match_in_a_file_over_100_mb() {
-    // A local signature beside the built-in test ones: the marker as the
-    // trigger, then a PCRE subsignature.
+async fn pcre_and_html_signatures_still_match_in_large_files() {
+    // Local signatures beside the built-in test ones: for PCRE, a marker as
+    // the trigger, then the expression; for HTML, a string that only the
+    // normalized HTML has (tags lower-cased).
     let signatures = tempfile::tempdir().unwrap();
-    let marker = b"AVGATE-PCRE-MARKER";
-    let hex: String = marker.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = |s: &[u8]| s.iter().map(|b| format!("{b:02x}")).collect::<String>();
     std::fs::write(
         signatures.path().join("local.ldb"),
-        format!("Local.Pcre.Marker;Engine:81-255,Target:0;0&1;{hex};0/AVGATE-PCRE-MARKER-[0-9]{{6}}-END/\n"),
+        format!(
+            "Local.Pcre.Marker;Engine:81-255,Target:0;0&1;{};0/AVGATE-PCRE-MARKER-[0-9]{{6}}-END/\n",
+            hex(b"AVGATE-PCRE-MARKER")
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        signatures.path().join("local.ndb"),
+        format!(
+            "Local.Html.Marker:3:*:{}\n",
+            hex(b"<script>avgatehtmlmarker")
+        ),
     )
     .unwrap();
     let server = builder("avg-pcre")
@@ -211,6 +223,21 @@ async fn pcre_signatures_still_match_in_a_file_over_100_mb() {
     let (status, body) = scan(big).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["signature"], "Local.Pcre.Marker.UNOFFICIAL", "{body}");
+
+    let html = |filler: usize| {
+        let mut page = b"<html><body><p>".to_vec();
+        page.resize(page.len() + filler, b'a');
+        page.extend_from_slice(b"</p><SCRIPT>avgatehtmlmarker</SCRIPT></body></html>");
+        page
+    };
+    for size in [0, 50 << 20] {
+        let (status, body) = scan(html(size)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["signature"], "Local.Html.Marker.UNOFFICIAL",
+            "{size}: {body}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

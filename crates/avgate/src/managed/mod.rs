@@ -720,8 +720,13 @@ fn clamd_conf(
          StreamMaxLength {stream_max}\n\
          MaxFileSize {max_size}\n\
          MaxScanSize {scan_size}\n\
-         # PCRE subsignatures skip larger files silently (100M by default).\n\
+         # Past these, clamd skips PCRE subsignatures (100M by default),\n\
+         # normalized-HTML signatures (40M) and embedded executables (40M)\n\
+         # silently. Script normalization (20M) and tag-less HTML (8M) stay:\n\
+         # raised, they made every large file scan much slower.\n\
          PCREMaxFileSize {max_size}\n\
+         MaxHTMLNormalize {max_size}\n\
+         MaxEmbeddedPE {max_size}\n\
          MaxRecursion 17\n\
          MaxFiles 10000\n\
          MaxScanTime {scan_ms}\n\
@@ -779,6 +784,8 @@ mod tests {
             "MaxFileSize 629145600",
             "MaxScanSize 629145600",
             "PCREMaxFileSize 629145600",
+            "MaxHTMLNormalize 629145600",
+            "MaxEmbeddedPE 629145600",
             "TemporaryDirectory /d/tmp",
             "StreamMaxLength 157286401",
             "MaxThreads 8",
