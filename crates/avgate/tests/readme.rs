@@ -141,6 +141,22 @@ async fn the_raw_body_curl_and_the_python_client_tell_clean_from_infected() {
         "{stderr}"
     );
 
+    // No file to send: both fail, neither scans an empty body instead
+    // (`curl --data-binary @file` would send one, and get OK).
+    std::fs::remove_file(&invoice).unwrap();
+    let out = run(&gw, dir.path(), &token, "sh", &["-c"], &curl);
+    assert!(!out.status.success(), "curl went on without the file");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = run(&gw, dir.path(), &token, "python3", &["-c"], &python);
+    assert!(
+        !out.status.success(),
+        "the Python client went on without the file"
+    );
+
     // Not scanned (clamd gone): the Python client must not accept it.
     drop(clamd);
     std::fs::write(&invoice, random_bytes(1000, 23)).unwrap();
@@ -184,5 +200,17 @@ async fn the_node_client_tells_clean_from_infected() {
     std::fs::write(&invoice, infected).unwrap();
     let out = stdout_json(&module(&node));
     assert_eq!(out, serde_json::json!({"clean": false, "status": "FOUND"}));
+
+    std::fs::remove_file(&invoice).unwrap();
+    let out = module(&node);
+    assert!(
+        !out.status.success(),
+        "the Node.js client went on without the file"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     gw.stop().await;
 }
