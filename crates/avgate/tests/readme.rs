@@ -1,6 +1,7 @@
 //! The README's examples, run as a user would paste them: the quick-start
 //! curl, the raw-body curl and the Python client, against a real avgate
-//! with tokens required and a real clamd. Only the address is changed
+//! with tokens required and a real clamd; and the curl examples of
+//! docs/api.md. Only the address is changed
 //! (the tests never use the fixed port 8080). A token comes from
 //! `avgate token create`, as the README says.
 //!
@@ -211,6 +212,70 @@ async fn the_node_client_tells_clean_from_infected() {
         out.stdout.is_empty(),
         "{}",
         String::from_utf8_lossy(&out.stdout)
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_reference_curl_examples_work() {
+    let clamd = Clamd::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, token) = gateway_with_token(&clamd, dir.path()).await;
+    let api = std::fs::read_to_string(repo_root().join("docs/api.md")).unwrap();
+    let at = |heading: &str| &api[api.find(heading).unwrap()..];
+    let one = block_after(at("### `POST /v1/scan` (and `POST /scan`)"), "```sh");
+    let batch = block_after(at("### `POST /v1/scan/batch`"), "```sh");
+    let raw = block_after(at("### `POST /v1/scan/raw`"), "```sh");
+    std::fs::write(dir.path().join("report.pdf"), random_bytes(3000, 61)).unwrap();
+    std::fs::write(dir.path().join("a.pdf"), random_bytes(3000, 62)).unwrap();
+    std::fs::write(dir.path().join("b.zip"), EICAR).unwrap();
+
+    let body = stdout_json(&run(&gw, dir.path(), &token, "sh", &["-c"], &one));
+    assert_eq!(
+        (&body["filename"], &body["status"]),
+        (&"report.pdf".into(), &"OK".into()),
+        "{body}"
+    );
+
+    let body = stdout_json(&run(&gw, dir.path(), &token, "sh", &["-c"], &batch));
+    let results = body["results"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"));
+    let statuses: Vec<_> = results
+        .iter()
+        .map(|r| (r["filename"].clone(), r["status"].clone()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("a.pdf".into(), "OK".into()),
+            ("b.zip".into(), "FOUND".into())
+        ],
+        "{body}"
+    );
+
+    // Two commands, two answers; the second names the file as its query.
+    let out = run(&gw, dir.path(), &token, "sh", &["-c"], &raw);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let names: Vec<_> = answers
+        .iter()
+        .map(|a| (a["filename"].clone(), a["status"].clone()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("report.pdf".into(), "OK".into()),
+            ("rapport été.pdf".into(), "OK".into())
+        ],
+        "{answers:?}"
     );
     gw.stop().await;
 }
