@@ -279,3 +279,54 @@ async fn the_api_reference_curl_examples_work() {
     );
     gw.stop().await;
 }
+
+/// `Key Value` lines of a clamd.conf text (comments, after `#`, dropped).
+fn clamd_options(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap().trim())
+        .filter_map(|l| l.split_once(char::is_whitespace))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn the_external_clamd_settings_agree_wherever_they_are_written() {
+    // The README, configuration.md and deploy/clamd.conf each show what an
+    // external clamd needs; they must not drift apart.
+    let deploy =
+        clamd_options(&std::fs::read_to_string(repo_root().join("deploy/clamd.conf")).unwrap());
+    let reference = std::fs::read_to_string(repo_root().join("docs/configuration.md")).unwrap();
+    let shown = [
+        (
+            "README.md",
+            block_after(&readme(), "Each clamd must run with"),
+        ),
+        (
+            "docs/configuration.md",
+            block_after(&reference, "For example, for avgate's defaults:"),
+        ),
+    ];
+    let required = [
+        "AlertExceedsMax",
+        "AlertEncrypted",
+        "StreamMaxLength",
+        "MaxFileSize",
+        "MaxScanSize",
+        "PCREMaxFileSize",
+        "MaxHTMLNormalize",
+        "MaxEmbeddedPE",
+    ];
+    for (name, block) in shown {
+        let options = clamd_options(&block);
+        for key in required {
+            assert!(options.contains_key(key), "{name} does not show {key}");
+        }
+        for (key, value) in &options {
+            assert_eq!(
+                deploy.get(key),
+                Some(value),
+                "{name} and deploy/clamd.conf differ on {key}"
+            );
+        }
+    }
+}
