@@ -23,7 +23,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway. Without --clamd, avgate starts and supervises its own clamd.
     Serve(ServeArgs),
-    /// Print the effective configuration check result and exit (0 when valid).
+    /// Check the configuration and print the effective one as TOML (exit 0 when valid, 2 when not).
     CheckConfig(ServeArgs),
     /// Manage API tokens: create, list, revoke, usage (works on the store directly).
     Token(crate::auth::cli::TokenArgs),

@@ -12,14 +12,14 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub use crate::perimeter::ratelimit::Rate;
 
 /// Environment variables that are not configuration keys.
 const ENV_NOT_KEYS: &[&str] = &["AVGATE_CONFIG", "AVGATE_LOG"];
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address of the public HTTP listener.
@@ -90,7 +90,7 @@ pub struct Config {
 }
 
 /// How the policy (`avgate policy ...`, `/v1/admin/policy`) is applied.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// How often the store's policy version is checked, so that changes
@@ -114,7 +114,7 @@ impl Default for PolicyConfig {
 
 /// Signature updates: freshclam run by avgate for its managed clamd, and
 /// which backends a signature reload covers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpdatesConfig {
     /// Run freshclam on a schedule (managed mode only). Unset: yes, unless
@@ -126,9 +126,11 @@ pub struct UpdatesConfig {
     /// check too often.
     pub interval: Humantime,
     /// freshclam's DatabaseMirror (default database.clamav.net).
+    #[serde(serialize_with = "serialize_url_redacted")]
     pub database_mirror: Option<String>,
     /// freshclam's PrivateMirror: a mirror of your own (URL), used instead
     /// of the official network.
+    #[serde(serialize_with = "serialize_url_redacted")]
     pub private_mirror: Option<String>,
     /// The freshclam executable; found on PATH or in /usr/bin when unset.
     pub freshclam_path: Option<PathBuf>,
@@ -150,7 +152,7 @@ impl Default for UpdatesConfig {
 }
 
 /// Prometheus metrics (`GET /metrics`), never on the public listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     pub enabled: bool,
@@ -168,7 +170,7 @@ impl Default for MetricsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClamdConfig {
     /// External clamd daemons (`tcp://HOST:PORT`, `unix:/PATH`). Empty: avgate
@@ -197,7 +199,7 @@ pub struct ClamdConfig {
     pub small_file_max_size: ByteSize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ManagedConfig {
     /// The clamd executable; found on PATH or in /usr/sbin when unset.
@@ -222,7 +224,7 @@ pub struct ManagedConfig {
 }
 
 /// API tokens (see `avgate token --help`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Every scan needs a token. Off: a request without a token is served
@@ -243,7 +245,7 @@ impl Default for AuthConfig {
 
 /// Who may connect, and whose X-Forwarded-For is believed. CIDR ranges
 /// or single addresses, IPv4 or IPv6.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NetworkConfig {
     /// Empty: every address (that is not denied).
@@ -256,7 +258,7 @@ pub struct NetworkConfig {
 
 /// Token buckets. A token's own `--rate`/`--burst` replace the per-token
 /// defaults.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimitConfig {
     pub enabled: bool,
@@ -285,7 +287,7 @@ impl Default for RateLimitConfig {
 }
 
 /// Built-in TLS: certificate files (`cert` and `key`) or ACME.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// PEM certificate chain, leaf first; reloaded when it changes.
@@ -300,7 +302,7 @@ pub struct TlsConfig {
 }
 
 /// Automatic certificates from an ACME CA (Let's Encrypt by default).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AcmeConfig {
     /// Names on the certificate; not empty turns ACME on.
@@ -318,7 +320,7 @@ pub struct AcmeConfig {
     pub ca_root: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 pub enum AcmeChallenge {
     #[default]
     #[serde(rename = "tls-alpn-01")]
@@ -398,7 +400,7 @@ impl TlsConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Auto,
@@ -511,6 +513,12 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The configuration as a TOML file that loads back to the same
+    /// settings (`avgate check-config`); mirror credentials are masked.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot be shown as TOML: {e}\n"))
+    }
+
     /// The async runtime's worker threads: `worker_threads`, or half the
     /// CPUs (at least one) when it is 0. avgate's own work per scan is a
     /// fraction of clamd's (a third of it for a small file, a tenth for a
@@ -866,6 +874,12 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// A duration written as `500ms`, `30s`, `5m`, `1h` (or a number of seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Humantime(pub Duration);
@@ -893,6 +907,52 @@ impl FromStr for Humantime {
             }
         };
         Ok(Humantime(d))
+    }
+}
+
+/// The largest unit that writes it whole: `90s`, `5m`, `1500ms`.
+impl fmt::Display for Humantime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if !ms.is_multiple_of(1000) {
+            return write!(f, "{ms}ms");
+        }
+        match ms / 1000 {
+            0 => write!(f, "0s"),
+            s if s.is_multiple_of(86_400) => write!(f, "{}d", s / 86_400),
+            s if s.is_multiple_of(3600) => write!(f, "{}h", s / 3600),
+            s if s.is_multiple_of(60) => write!(f, "{}m", s / 60),
+            s => write!(f, "{s}s"),
+        }
+    }
+}
+
+impl Serialize for Humantime {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A mirror URL as printed by `check-config`: user and password replaced,
+/// since such URLs may carry credentials.
+fn serialize_url_redacted<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        None => s.serialize_none(),
+        Some(url) => {
+            let redacted = match url.split_once("://") {
+                Some((scheme, rest)) => {
+                    let authority_end = rest.find('/').unwrap_or(rest.len());
+                    match rest[..authority_end].rsplit_once('@') {
+                        Some((_, host)) => {
+                            format!("{scheme}://***@{host}{}", &rest[authority_end..])
+                        }
+                        None => url.clone(),
+                    }
+                }
+                None => url.clone(),
+            };
+            s.serialize_some(&redacted)
+        }
     }
 }
 
@@ -925,6 +985,59 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn the_printed_configuration_loads_back_to_the_same_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("avgate.toml");
+        std::fs::write(
+            &file,
+            r#"
+max_size = "200MiB"
+[clamd]
+scan_timeout = "1500ms"
+backends = ["unix:/run/clamav/clamd.ctl", "tcp://10.0.0.5:3310"]
+[rate_limit]
+per_ip = "90/m"
+auth_failures = "5/h"
+[network]
+allow = ["10.0.0.0/8"]
+[managed]
+temp_dir = "/dev/shm"
+[updates]
+enabled = false
+"#,
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), vec![], &Overrides::default()).unwrap();
+        let printed = c.to_toml();
+        assert!(printed.contains("max_size = \"200MiB\""), "{printed}");
+        assert!(printed.contains("scan_timeout = \"1500ms\""), "{printed}");
+        assert!(printed.contains("per_ip = \"90/m\""), "{printed}");
+        assert!(printed.contains("auth_failures = \"5/h\""), "{printed}");
+        let effective = dir.path().join("effective.toml");
+        std::fs::write(&effective, &printed).unwrap();
+        let again = Config::load(Some(&effective), vec![], &Overrides::default()).unwrap();
+        assert_eq!(again.to_toml(), printed);
+        assert_eq!(again.max_size, c.max_size);
+        assert_eq!(again.clamd.backends, c.clamd.backends);
+        assert_eq!(again.rate_limit.per_ip, c.rate_limit.per_ip);
+    }
+
+    #[test]
+    fn printed_mirror_urls_hide_their_credentials() {
+        let c = load_env(&[(
+            "AVGATE_UPDATES__PRIVATE_MIRROR",
+            "https://user:s3cret@mirror.internal/clamav",
+        )])
+        .unwrap();
+        let printed = c.to_toml();
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains("private_mirror = \"https://***@mirror.internal/clamav\""),
+            "{printed}"
+        );
     }
 
     #[test]

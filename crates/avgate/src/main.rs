@@ -13,8 +13,18 @@ fn main() -> ExitCode {
         Command::Policy(args) => avgate::policy::cli::run(args),
         Command::CheckConfig(args) => match args.load() {
             Ok(config) => {
-                println!("configuration is valid");
-                println!("{config:#?}");
+                // The verdict on stderr, the configuration alone on stdout:
+                // `avgate check-config > effective.toml` is a valid file.
+                eprintln!("avgate: configuration is valid");
+                println!(
+                    "# avgate's effective configuration: the defaults, then the file, the\n\
+                     # environment (AVGATE_*) and the flags, in that order of precedence.\n"
+                );
+                let toml = config.to_toml();
+                print!("{toml}");
+                if !toml.ends_with('\n') {
+                    println!();
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -41,6 +41,26 @@ impl FromStr for Rate {
     }
 }
 
+/// The first of /s, /m, /h, /d that gives a whole number (`10/s`,
+/// `600/m`); otherwise a fraction per second.
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (unit, seconds) in [("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0)] {
+            let n = self.per_second * seconds;
+            if (n - n.round()).abs() < 1e-9 && n.round() >= 1.0 {
+                return write!(f, "{}/{unit}", n.round() as u64);
+            }
+        }
+        write!(f, "{}/s", self.per_second)
+    }
+}
+
+impl serde::Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl<'de> serde::Deserialize<'de> for Rate {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         String::deserialize(d)?
