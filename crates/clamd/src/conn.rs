@@ -590,7 +590,7 @@ mod tests {
         // A server that answers OK after the first chunk and hangs up: the
         // next write fails and the reply is read, but it covers only what
         // was read. A detection in the same place is still a detection.
-        for (reply, ok) in [(&b"stream: OK\0"[..], false), (b"stream: X FOUND\0", true)] {
+        for (reply, detection) in [(&b"stream: OK\0"[..], false), (b"stream: X FOUND\0", true)] {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = Address::Tcp(listener.local_addr().unwrap().to_string());
             tokio::spawn(async move {
@@ -608,7 +608,7 @@ mod tests {
                 Ok(()) => stream.finish().await.unwrap_err(),
                 Err(e) => e,
             };
-            if ok {
+            if detection {
                 assert!(
                     matches!(&err, Error::EarlyReply(ScanReply::Found(name)) if name == "X"),
                     "{err:?}"
