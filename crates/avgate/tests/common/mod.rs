@@ -576,6 +576,14 @@ async fn read_command(s: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>>
 /// Writes `head`, then all of `body`, and only then reads the answer, as
 /// Python's requests and most scripts do. The error if a write or the
 /// read failed (the connection was reset under the client).
+pub async fn send_all_then_read(
+    addr: std::net::SocketAddr,
+    head: &str,
+    body: &[u8],
+) -> std::io::Result<String> {
+    send_then_read(addr, head, body, false).await
+}
+
 /// Sends a request head and a body that ends before the request says it
 /// does, closes the sending side (as a client whose upload broke off but
 /// still waits for the answer), and reads the answer.
@@ -584,23 +592,21 @@ pub async fn send_cut_short_then_read(
     head: &str,
     body: &[u8],
 ) -> std::io::Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body).await?;
-    stream.shutdown().await?;
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await?;
-    Ok(String::from_utf8_lossy(&answer).into_owned())
+    send_then_read(addr, head, body, true).await
 }
 
-pub async fn send_all_then_read(
+async fn send_then_read(
     addr: std::net::SocketAddr,
     head: &str,
     body: &[u8],
+    close_sending_side: bool,
 ) -> std::io::Result<String> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream.write_all(head.as_bytes()).await?;
     stream.write_all(body).await?;
+    if close_sending_side {
+        stream.shutdown().await?;
+    }
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await?;
     Ok(String::from_utf8_lossy(&answer).into_owned())
