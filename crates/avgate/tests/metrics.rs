@@ -109,21 +109,6 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> (bool, String) {
     (out.status.success(), report)
 }
 
-async fn scrape(client: &reqwest::Client, addr: std::net::SocketAddr) -> String {
-    let r = client
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
-    assert!(
-        content_type.starts_with("text/plain; version=0.0.4"),
-        "{content_type}"
-    );
-    r.text().await.unwrap()
-}
-
 /// The metric names (`avgate_*`) used in a deploy/ file, without the
 /// histogram suffixes.
 fn names_used_in(path: &Path) -> Vec<String> {
@@ -175,7 +160,7 @@ async fn metrics_count_known_scans_by_label_and_pass_promtool() {
     let r = gw.client.get(gw.url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 404, "the public listener serves no metrics");
 
-    let text = scrape(&gw.client, metrics_addr).await;
+    let text = scrape_metrics(&gw.client, metrics_addr).await;
     let s = parse(&text);
     let backend = clamd.address();
     let v = |name: &str, labels: &[(&str, &str)]| value(&s, name, labels);
@@ -362,23 +347,7 @@ async fn each_scan_logs_one_json_line_with_its_context_and_no_content() {
     let data = server.data_dir();
     let metrics_port = free_port();
 
-    let created = Command::new(env!("CARGO_BIN_EXE_avgate"))
-        .args(["token", "create", "--name", "partner-a", "--data-dir"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
-    );
-    let token = String::from_utf8(created.stdout)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .to_owned();
-    assert!(token.starts_with("avg_"), "{token}");
+    let token = create_token_with_cli(&data, "partner-a");
 
     let mut server = server
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
@@ -424,7 +393,7 @@ async fn each_scan_logs_one_json_line_with_its_context_and_no_content() {
         "{clean}"
     );
 
-    let text = scrape(
+    let text = scrape_metrics(
         &client,
         format!("127.0.0.1:{metrics_port}").parse().unwrap(),
     )

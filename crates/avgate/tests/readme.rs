@@ -37,24 +37,7 @@ fn block_after(text: &str, marker: &str) -> String {
 
 /// A gateway with tokens required and a token made by the CLI.
 async fn gateway_with_token(clamd: &Clamd, dir: &Path) -> (Gateway, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_avgate"))
-        .args(["token", "create", "--name", "readme", "--data-dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .trim()
-        .to_owned();
-    assert!(token.starts_with("avg_"), "{token}");
+    let token = create_token_with_cli(dir, "readme");
     let mut cfg = config(&[clamd.address()]);
     cfg.auth.required = true;
     cfg.data_dir = dir.to_owned();

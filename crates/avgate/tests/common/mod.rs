@@ -294,14 +294,7 @@ impl Gateway {
     /// The metrics listener's exposition text.
     pub async fn metrics_text(&self) -> String {
         let addr = self.metrics_addr.expect("the metrics listener is on");
-        let r = self
-            .client
-            .get(format!("http://{addr}/metrics"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        r.text().await.unwrap()
+        scrape_metrics(&self.client, addr).await
     }
 
     /// `GET /readyz`: status and JSON.
@@ -610,6 +603,46 @@ async fn send_then_read(
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await?;
     Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// `GET /metrics` on a metrics listener: 200 in the Prometheus text format
+/// 0.0.4; the text.
+pub async fn scrape_metrics(client: &reqwest::Client, addr: SocketAddr) -> String {
+    let r = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    r.text().await.unwrap()
+}
+
+/// A token made as the README says, with `avgate token create` on the
+/// data directory (the first line of its output).
+pub fn create_token_with_cli(data_dir: &Path, name: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_avgate"))
+        .args(["token", "create", "--name", name, "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(token.starts_with("avg_"), "{token}");
+    token
 }
 
 /// The body in HTTP/1.1 chunked framing, 64 KiB a chunk.
