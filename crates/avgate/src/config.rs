@@ -980,6 +980,14 @@ mod tests {
         Config::load(None, env(pairs), &Overrides::default())
     }
 
+    /// The configuration from defaults and this file text.
+    fn load_text(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("avgate.toml");
+        std::fs::write(&file, text).unwrap();
+        Config::load(Some(&file), vec![], &Overrides::default())
+    }
+
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
@@ -989,10 +997,7 @@ mod tests {
 
     #[test]
     fn the_printed_configuration_loads_back_to_the_same_settings() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("avgate.toml");
-        std::fs::write(
-            &file,
+        let c = load_text(
             r#"
 max_size = "200MiB"
 [clamd]
@@ -1010,15 +1015,12 @@ enabled = false
 "#,
         )
         .unwrap();
-        let c = Config::load(Some(&file), vec![], &Overrides::default()).unwrap();
         let printed = c.to_toml();
         assert!(printed.contains("max_size = \"200MiB\""), "{printed}");
         assert!(printed.contains("scan_timeout = \"1500ms\""), "{printed}");
         assert!(printed.contains("per_ip = \"90/m\""), "{printed}");
         assert!(printed.contains("auth_failures = \"5/h\""), "{printed}");
-        let effective = dir.path().join("effective.toml");
-        std::fs::write(&effective, &printed).unwrap();
-        let again = Config::load(Some(&effective), vec![], &Overrides::default()).unwrap();
+        let again = load_text(&printed).unwrap();
         assert_eq!(again.to_toml(), printed);
         assert_eq!(again.max_size, c.max_size);
         assert_eq!(again.clamd.backends, c.clamd.backends);
@@ -1192,10 +1194,7 @@ enabled = false
 
     #[test]
     fn unknown_keys_are_rejected_in_every_layer() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("avgate.toml");
-        std::fs::write(&file, "max_sise = \"1M\"\n").unwrap();
-        let err = Config::load(Some(&file), vec![], &Overrides::default()).unwrap_err();
+        let err = load_text("max_sise = \"1M\"\n").unwrap_err();
         assert!(err.to_string().contains("max_sise"), "{err}");
         let err = load_env(&[("AVGATE_CLAMD__TIMEOUTT", "1s")]).unwrap_err();
         assert!(err.to_string().contains("timeoutt"), "{err}");

@@ -121,6 +121,15 @@ async fn a_file_clamd_cannot_spool_fails_alone_and_the_backend_stays_in() {
     gw.stop().await;
 }
 
+/// Every file streamed (as a file of unknown size or over
+/// small_file_max_size is), so that clamd spools it to its temporary
+/// directory, which the tests below make too small.
+fn spooled(backends: &[String]) -> avgate::config::Config {
+    let mut cfg = config(backends);
+    cfg.clamd.small_file_max_size = avgate::config::ByteSize(0);
+    cfg
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_one_clamd_answers_error_for_is_scanned_on_another() {
     // The first backend cannot spool more than 256 KiB (its temporary
@@ -129,11 +138,8 @@ async fn a_file_one_clamd_answers_error_for_is_scanned_on_another() {
     // first, and must then be scanned on the second.
     let full = Clamd::with_file_size_limit(256);
     let fine = Clamd::start("");
-    let mut cfg = config(&[full.address(), fine.address()]);
-    // Streamed (as a file of unknown size or over small_file_max_size is),
-    // so that clamd spools it; under the replay buffer, so it can be sent
-    // again.
-    cfg.clamd.small_file_max_size = avgate::config::ByteSize(0);
+    // Under the replay buffer, so that it can be sent again.
+    let mut cfg = spooled(&[full.address(), fine.address()]);
     cfg.replay_buffer = mib(1);
     let gw = Gateway::start(cfg).await;
     gw.wait_all_backends_up(Duration::from_secs(10)).await;
@@ -171,8 +177,7 @@ async fn an_error_reply_is_the_answer_when_no_other_backend_can_take_the_file() 
     // backend there is nowhere to send it. Either way: 503, never OK.
     let full = Clamd::with_file_size_limit(256);
     let fine = Clamd::start("");
-    let mut cfg = config(&[full.address(), fine.address()]);
-    cfg.clamd.small_file_max_size = avgate::config::ByteSize(0);
+    let mut cfg = spooled(&[full.address(), fine.address()]);
     cfg.replay_buffer = avgate::config::ByteSize(128 * 1024);
     let gw = Gateway::start(cfg).await;
     gw.wait_all_backends_up(Duration::from_secs(10)).await;
@@ -181,9 +186,7 @@ async fn an_error_reply_is_the_answer_when_no_other_backend_can_take_the_file() 
     assert_eq!(answer.1["status"], "ERROR");
     gw.stop().await;
 
-    let mut cfg = config(&[full.address()]);
-    cfg.clamd.small_file_max_size = avgate::config::ByteSize(0);
-    let gw = Gateway::start(cfg).await;
+    let gw = Gateway::start(spooled(&[full.address()])).await;
     let answer = gw.scan("big.bin", random_bytes(600_000, 14)).await;
     assert_error(&answer, 503, "engine_error");
     gw.stop().await;

@@ -186,12 +186,11 @@ async fn pcre_and_html_signatures_still_match_in_large_files() {
     // the trigger, then the expression; for HTML, a string that only the
     // normalized HTML has (tags lower-cased).
     let signatures = tempfile::tempdir().unwrap();
-    let hex = |s: &[u8]| s.iter().map(|b| format!("{b:02x}")).collect::<String>();
     std::fs::write(
         signatures.path().join("local.ldb"),
         format!(
             "Local.Pcre.Marker;Engine:81-255,Target:0;0&1;{};0/AVGATE-PCRE-MARKER-[0-9]{{6}}-END/\n",
-            hex(b"AVGATE-PCRE-MARKER")
+            hex::encode(b"AVGATE-PCRE-MARKER")
         ),
     )
     .unwrap();
@@ -199,7 +198,7 @@ async fn pcre_and_html_signatures_still_match_in_large_files() {
         signatures.path().join("local.ndb"),
         format!(
             "Local.Html.Marker:3:*:{}\n",
-            hex(b"<script>avgatehtmlmarker")
+            hex::encode(b"<script>avgatehtmlmarker")
         ),
     )
     .unwrap();

@@ -57,6 +57,16 @@ fn run(gw: &Gateway, dir: &Path, token: &str, program: &str, args: &[&str], code
         .unwrap_or_else(|e| panic!("cannot run {program} (scripts/setup.sh test installs it): {e}"))
 }
 
+/// Each answer's file name and status, the pair a user checks.
+fn names_and_statuses<'a>(
+    answers: impl IntoIterator<Item = &'a serde_json::Value>,
+) -> Vec<(serde_json::Value, serde_json::Value)> {
+    answers
+        .into_iter()
+        .map(|a| (a["filename"].clone(), a["status"].clone()))
+        .collect()
+}
+
 fn stdout_json(out: &Output) -> serde_json::Value {
     assert!(
         out.status.success(),
@@ -224,12 +234,8 @@ async fn the_api_reference_curl_examples_work() {
     let results = body["results"]
         .as_array()
         .unwrap_or_else(|| panic!("{body}"));
-    let statuses: Vec<_> = results
-        .iter()
-        .map(|r| (r["filename"].clone(), r["status"].clone()))
-        .collect();
     assert_eq!(
-        statuses,
+        names_and_statuses(results),
         [
             ("a.pdf".into(), "OK".into()),
             ("b.zip".into(), "FOUND".into())
@@ -248,12 +254,8 @@ async fn the_api_reference_curl_examples_work() {
         .into_iter()
         .map(Result::unwrap)
         .collect();
-    let names: Vec<_> = answers
-        .iter()
-        .map(|a| (a["filename"].clone(), a["status"].clone()))
-        .collect();
     assert_eq!(
-        names,
+        names_and_statuses(&answers),
         [
             ("report.pdf".into(), "OK".into()),
             ("rapport été.pdf".into(), "OK".into())
