@@ -271,29 +271,25 @@ impl ClamavScan {
         let Some(lease) = self.lease.take() else {
             return false;
         };
-        lease.backend().note_error_reply();
-        let other_healthy = self
-            .settings
-            .pool
-            .backends()
-            .iter()
-            .enumerate()
-            .any(|(i, b)| b.is_healthy() && !self.tried.contains(&i));
-        if self.retried_after_error || self.replay.is_none() || !other_healthy {
+        let failed = lease.backend().clone();
+        failed.note_error_reply();
+        if self.retried_after_error || self.replay.is_none() {
             self.lease = Some(lease);
             return false;
         }
-        tracing::warn!(backend = %lease.backend().address, %reason, "clamd could not scan the file; sending it to another backend");
-        // Frees the slot before waiting for another one.
-        drop(lease);
         self.retried_after_error = true;
+        // Frees the slot before waiting for another one. The pool skips
+        // the backends already tried, and answers at once when no other
+        // one is healthy.
+        drop(lease);
+        if self.acquire().await.is_err() {
+            // No other backend: the ERROR is the answer.
+            return false;
+        }
+        tracing::warn!(backend = %failed.address, %reason, "clamd could not scan the file; sending it to another backend");
         self.stream = None;
         self.sent = 0;
         self.last_error = Some(format!("clamd: {reason}"));
-        if self.acquire().await.is_err() {
-            // No other slot after all: the ERROR is the answer.
-            return false;
-        }
         if self.over_stream_max(self.replay_bytes as u64) {
             self.give_up_unscanned();
         }
