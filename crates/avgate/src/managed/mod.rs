@@ -28,7 +28,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{ByteSize, Config};
 use database::{create_private_dir, DatabaseLayout, Fingerprint, SyncReport};
 use updates::{UpdateMode, UpdatesStatus};
 
@@ -843,17 +843,6 @@ pub struct ExternalCheck {
 /// clamd's `PCREMaxFileSize` when its clamd.conf does not set it.
 const CLAMD_DEFAULT_PCRE_MAX_FILE_SIZE: u64 = 100 << 20;
 
-/// A clamd.conf size: digits, then optionally K or M (any case), as
-/// clamd's option parser reads them.
-fn clamd_size(value: &str) -> Option<u64> {
-    let (digits, unit) = match value.char_indices().last()? {
-        (i, 'k' | 'K') => (&value[..i], 1 << 10),
-        (i, 'm' | 'M') => (&value[..i], 1 << 20),
-        _ => (value, 1),
-    };
-    digits.parse::<u64>().ok()?.checked_mul(unit)
-}
-
 /// Reads `conf` and, if it configures the clamd at `address` (same
 /// LocalSocket, or same TCPSocket port), reports what it sets that avgate
 /// cannot see through the protocol. `None` when it cannot tell.
@@ -877,7 +866,8 @@ pub fn check_external_conf(address: &clamd::Address, conf: &str) -> Option<Exter
             "AlertExceedsMax" => {
                 alert = matches!(value.to_ascii_lowercase().as_str(), "yes" | "true" | "1")
             }
-            "PCREMaxFileSize" => pcre_max = clamd_size(value),
+            // avgate's sizes use clamd.conf's units (K, M: 1024 multiples).
+            "PCREMaxFileSize" => pcre_max = value.parse::<ByteSize>().ok().map(|s| s.0),
             _ => {}
         }
     }
@@ -962,12 +952,13 @@ mod external_tests {
     }
 
     #[test]
-    fn clamd_sizes_parse_as_clamd_reads_them() {
-        assert_eq!(clamd_size("150M"), Some(150 << 20));
-        assert_eq!(clamd_size("512k"), Some(512 << 10));
-        assert_eq!(clamd_size("1048576"), Some(1 << 20));
-        assert_eq!(clamd_size("lots"), None);
-        assert_eq!(clamd_size("M"), None);
-        assert_eq!(clamd_size(""), None);
+    fn clamd_conf_sizes_parse_as_clamd_reads_them() {
+        let size = |v: &str| v.parse::<ByteSize>().ok().map(|s| s.0);
+        assert_eq!(size("150M"), Some(150 << 20));
+        assert_eq!(size("512k"), Some(512 << 10));
+        assert_eq!(size("1048576"), Some(1 << 20));
+        assert_eq!(size("lots"), None);
+        assert_eq!(size("M"), None);
+        assert_eq!(size(""), None);
     }
 }
