@@ -302,7 +302,7 @@ pub struct TlsConfig {
 }
 
 /// Automatic certificates from an ACME CA (Let's Encrypt by default).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AcmeConfig {
     /// Names on the certificate; not empty turns ACME on.
@@ -327,6 +327,18 @@ pub enum AcmeChallenge {
     TlsAlpn01,
     #[serde(rename = "http-01")]
     Http01,
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        AcmeConfig {
+            domains: Vec::new(),
+            email: None,
+            directory: "production".into(),
+            challenge: AcmeChallenge::default(),
+            ca_root: None,
+        }
+    }
 }
 
 impl Default for TlsConfig {
@@ -356,7 +368,9 @@ impl TlsConfig {
             return Err("use either tls.cert/tls.key or tls.acme.domains, not both".into());
         }
         if acme.domains.is_empty()
-            && (acme.email.is_some() || acme.ca_root.is_some() || !acme.directory.is_empty())
+            && (acme.email.is_some()
+                || acme.ca_root.is_some()
+                || !matches!(acme.directory.as_str(), "" | "production"))
         {
             return Err("tls.acme settings need tls.acme.domains (--acme-domain)".into());
         }
@@ -603,6 +617,7 @@ impl Config {
             ("max_size", self.max_size.0 == 0),
             ("header_timeout", self.header_timeout.0.is_zero()),
             ("idle_timeout", self.idle_timeout.0.is_zero()),
+            ("request_timeout", self.request_timeout.0.is_zero()),
             ("max_files_per_request", self.max_files_per_request == 0),
             ("max_parts", self.max_parts == 0),
             ("max_concurrent_scans", self.max_concurrent_scans == 0),
@@ -1074,13 +1089,148 @@ enabled = false
         assert!(Config::load(None, both, &public).is_ok());
     }
 
+    fn repo_file(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// `section.key` for every value in `table` (tables of tables walked).
+    fn key_paths(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+        for (key, value) in table {
+            match value {
+                toml::Value::Table(inner) => key_paths(inner, &format!("{prefix}{key}."), out),
+                _ => out.push(format!("{prefix}{key}")),
+            }
+        }
+    }
+
+    /// The keys the defaults print with `check-config`: every key that has
+    /// a default value (optional ones without a default, such as
+    /// `tls.cert`, are not printed).
+    fn keys_with_defaults() -> Vec<String> {
+        let printed: toml::Table = toml::from_str(&load_env(&[]).unwrap().to_toml()).unwrap();
+        let mut keys = Vec::new();
+        key_paths(&printed, "", &mut keys);
+        keys
+    }
+
+    /// The keys avgate.example.toml sets, and those it shows commented out
+    /// (`# key = value`, where the value is TOML), as `section.key`; the
+    /// latter with their line, uncommented.
+    fn example_keys(text: &str) -> (Vec<String>, Vec<(String, String)>) {
+        let table: toml::Table = toml::from_str(text).unwrap();
+        let mut set = Vec::new();
+        key_paths(&table, "", &mut set);
+        let mut commented = Vec::new();
+        let mut section = String::new();
+        for line in text.lines() {
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = format!("{name}.");
+            } else if let Some((key, value)) =
+                line.strip_prefix("# ").and_then(|l| l.split_once(" = "))
+            {
+                let is_value = toml::from_str::<toml::Table>(&format!("v = {value}")).is_ok();
+                if is_value && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                    commented.push((format!("{section}{key}"), format!("{key} = {value}")));
+                }
+            }
+        }
+        (set, commented)
+    }
+
     #[test]
-    fn the_example_config_parses() {
+    fn the_example_config_is_every_key_at_its_default() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../avgate.example.toml");
-        let c = Config::load(Some(&path), vec![], &Overrides::default()).unwrap();
-        assert_eq!(c.max_size, ByteSize(150 << 20));
-        assert_eq!(c.max_database_age.0, Duration::from_secs(3 * 86_400));
-        assert_eq!(c.updates.interval.0, Duration::from_secs(6 * 3600));
+        let example = Config::load(Some(&path), vec![], &Overrides::default()).unwrap();
+        // It says "every key, with its default": loading it changes nothing.
+        assert_eq!(example.to_toml(), load_env(&[]).unwrap().to_toml());
+        let (set, commented) = example_keys(&repo_file("avgate.example.toml"));
+        // data_dir's default depends on $HOME: shown commented out.
+        let missing: Vec<String> = keys_with_defaults()
+            .into_iter()
+            .filter(|key| {
+                !(set.contains(key)
+                    || (key == "data_dir" && commented.iter().any(|(k, _)| k == key)))
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "avgate.example.toml does not set {missing:?}"
+        );
+        // What it shows commented out, for keys without a default, must be
+        // keys too.
+        for (key, line) in &commented {
+            let text = match key.rsplit_once('.') {
+                Some((section, _)) => format!("[{section}]\n{line}"),
+                None => line.clone(),
+            };
+            if let Err(e) = load_text(&text) {
+                // A key may be refused alone (tls.cert needs tls.key); an
+                // unknown one never is.
+                assert!(!e.to_string().contains("unknown field"), "{key}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_configuration_reference_documents_every_key() {
+        let reference = repo_file("docs/configuration.md");
+        // The text of each "### Top level" / "### `[section]`" part.
+        let part = |section: &str| -> String {
+            let heading = match section {
+                "" => "### Top level".to_owned(),
+                s => format!("### `[{s}]`"),
+            };
+            let start = reference
+                .find(&heading)
+                .unwrap_or_else(|| panic!("configuration.md has no {heading}"));
+            let rest = &reference[start + heading.len()..];
+            rest[..rest.find("\n### ").unwrap_or(rest.len())].to_owned()
+        };
+        let (set, commented) = example_keys(&repo_file("avgate.example.toml"));
+        let mut keys = keys_with_defaults();
+        keys.extend(set);
+        keys.extend(commented.into_iter().map(|(key, _)| key));
+        keys.sort();
+        keys.dedup();
+        let missing: Vec<String> = keys
+            .into_iter()
+            .filter(|key| {
+                let (section, leaf) = key.rsplit_once('.').unwrap_or(("", key));
+                !part(section).contains(&format!("| `{leaf}` |"))
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "docs/configuration.md has no row for {missing:?}"
+        );
+    }
+
+    #[test]
+    fn acme_settings_need_domains_but_the_default_directory_is_no_setting() {
+        for text in ["directory = \"production\"", "domains = []"] {
+            let c = load_text(&format!("[tls.acme]\n{text}")).unwrap();
+            assert!(!c.tls.enabled(), "{text}");
+        }
+        for text in ["directory = \"staging\"", "email = \"ops@example.com\""] {
+            let err = load_text(&format!("[tls.acme]\n{text}")).unwrap_err();
+            assert!(
+                err.to_string().contains("need tls.acme.domains"),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_timeout_of_zero_is_refused() {
+        // Every scan would get 408 at once.
+        let err = load_env(&[("AVGATE_REQUEST_TIMEOUT", "0")]).unwrap_err();
+        assert!(
+            err.to_string().contains("request_timeout must be above 0"),
+            "{err}"
+        );
     }
 
     #[test]
