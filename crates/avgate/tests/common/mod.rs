@@ -625,9 +625,15 @@ pub async fn scrape_metrics(client: &reqwest::Client, addr: SocketAddr) -> Strin
 /// A token made as the README says, with `avgate token create` on the
 /// data directory (the first line of its output).
 pub fn create_token_with_cli(data_dir: &Path, name: &str) -> String {
+    create_token_with_cli_args(data_dir, name, &[])
+}
+
+/// [`create_token_with_cli`] with more `token create` options.
+pub fn create_token_with_cli_args(data_dir: &Path, name: &str, args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_avgate"))
         .args(["token", "create", "--name", name, "--data-dir"])
         .arg(data_dir)
+        .args(args)
         .output()
         .unwrap();
     assert!(
