@@ -282,7 +282,7 @@ impl Metrics {
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
         if let Some(ErrorCode(code)) = response.extensions().get::<ErrorCode>() {
-            self.rejections.with_label_values(&[code]).inc();
+            self.rejections.with_label_values(&[code.as_str()]).inc();
         }
     }
 

@@ -9,12 +9,12 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 
 use super::audit::{self, Entry, Event};
 use super::{AdminPrincipal, Principal, Refusal, RefusalReason};
-use crate::http::error::ApiError;
+use crate::http::error::{ApiError, Code};
 use crate::http::{AppState, ClientAddr};
 use crate::perimeter::ClientIp;
 
@@ -25,7 +25,7 @@ pub struct AuthRejection(pub ApiError);
 
 impl IntoResponse for AuthRejection {
     fn into_response(self) -> Response {
-        let unauthorized = self.0.status == StatusCode::UNAUTHORIZED;
+        let unauthorized = self.0.code == Code::Unauthorized;
         let mut response = self.0.into_response();
         if unauthorized {
             response.headers_mut().insert(

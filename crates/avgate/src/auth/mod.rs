@@ -35,11 +35,11 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Uri};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::http::error::ApiError;
+use crate::http::error::{ApiError, Code};
 use crate::store::{clock, Store, StoreError, TokenRecord};
 use token::{FormatError, Token, TokenHash};
 
@@ -223,20 +223,18 @@ impl Refusal {
 
     pub fn into_api_error(self) -> ApiError {
         match self.reason {
-            RefusalReason::TokenInQuery => ApiError::bad_request(
-                "token_in_query",
+            RefusalReason::TokenInQuery => ApiError::new(
+                Code::TokenInQuery,
                 "API tokens in the URL end up in logs and browser histories and are refused; \
                  send it as \"Authorization: Bearer <token>\" (and consider this token leaked)",
             ),
             RefusalReason::WrongScope => ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
+                Code::Forbidden,
                 "this token's scope does not allow this operation",
             ),
             RefusalReason::StoreFailed => store_unavailable(),
             _ => ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
+                Code::Unauthorized,
                 "a valid API token is required: send \"Authorization: Bearer <token>\"",
             ),
         }
@@ -245,8 +243,7 @@ impl Refusal {
 
 pub(crate) fn store_unavailable() -> ApiError {
     ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "store_unavailable",
+        Code::StoreUnavailable,
         "the token store is unavailable; nothing was scanned",
     )
 }

@@ -17,12 +17,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::http::StatusCode;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::usage::UsageBuffer;
 use super::{store_failed, Auth, Principal, Quotas};
-use crate::http::error::ApiError;
+use crate::http::error::{ApiError, Code};
 use crate::store::clock::{self, Month};
 use crate::store::Store;
 
@@ -192,8 +191,7 @@ fn quota_exceeded(month: Month, what: String) -> ApiError {
     let next = month.next();
     let retry = (next.start() - clock::now()).max(1) as u64;
     ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "quota_exceeded",
+        Code::QuotaExceeded,
         format!(
             "this token's monthly quota ({what}) is used up for {month}; it resets on {}",
             clock::rfc3339(next.start())
@@ -204,8 +202,7 @@ fn quota_exceeded(month: Month, what: String) -> ApiError {
 
 fn concurrency_limit(max: usize) -> ApiError {
     ApiError::new(
-        StatusCode::TOO_MANY_REQUESTS,
-        "token_concurrency_limit",
+        Code::TokenConcurrencyLimit,
         format!("this token already has {max} scans in progress; retry when one is done"),
     )
     .with_retry_after(CONCURRENCY_RETRY_SECS)

@@ -18,7 +18,7 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::error::ApiError;
+use super::error::{ApiError, Code};
 use super::AppState;
 use crate::auth::manage::{self, Actor, ManageError, TokenOptions};
 use crate::auth::{store_failed, AdminPrincipal};
@@ -43,20 +43,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 }
 
 fn json_error(rejection: JsonRejection) -> ApiError {
-    let status = match rejection {
-        JsonRejection::BytesRejection(_) => rejection.status(),
-        _ => StatusCode::BAD_REQUEST,
+    let code = match &rejection {
+        JsonRejection::BytesRejection(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            Code::RequestTooLarge
+        }
+        _ => Code::InvalidJson,
     };
-    let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-        "request_too_large"
-    } else {
-        "invalid_json"
-    };
-    ApiError::new(status, code, rejection.body_text())
+    ApiError::new(code, rejection.body_text())
 }
 
 fn query_error(rejection: QueryRejection) -> ApiError {
-    ApiError::bad_request("invalid_request", rejection.body_text())
+    ApiError::new(Code::InvalidRequest, rejection.body_text())
 }
 
 fn actor(admin: &AdminPrincipal, state_client: Option<String>) -> Actor {
@@ -68,16 +65,10 @@ fn actor(admin: &AdminPrincipal, state_client: Option<String>) -> Actor {
 
 fn manage_error(e: ManageError) -> ApiError {
     match e {
-        ManageError::Invalid(msg) => ApiError::bad_request("invalid_request", msg),
-        ManageError::NotFound(_) => {
-            ApiError::new(StatusCode::NOT_FOUND, "token_not_found", e.to_string())
-        }
-        ManageError::AlreadyRevoked(_) => {
-            ApiError::new(StatusCode::CONFLICT, "token_revoked", e.to_string())
-        }
-        ManageError::NameTaken(_) => {
-            ApiError::new(StatusCode::CONFLICT, "token_name_taken", e.to_string())
-        }
+        ManageError::Invalid(msg) => ApiError::new(Code::InvalidRequest, msg),
+        ManageError::NotFound(_) => ApiError::new(Code::TokenNotFound, e.to_string()),
+        ManageError::AlreadyRevoked(_) => ApiError::new(Code::TokenRevoked, e.to_string()),
+        ManageError::NameTaken(_) => ApiError::new(Code::TokenNameTaken, e.to_string()),
         ManageError::Store(e) => store_failed(e),
     }
 }
@@ -108,7 +99,7 @@ pub async fn create_token(
 ) -> Result<Response, ApiError> {
     let spec = options
         .validate(clock::now())
-        .map_err(|m| ApiError::bad_request("invalid_request", m))?;
+        .map_err(|m| ApiError::new(Code::InvalidRequest, m))?;
     let actor = actor(&admin, client.map(|c| c.0 .0.to_string()));
     let created = manage::create(state.auth.store.as_ref(), spec, &actor)
         .await
@@ -150,7 +141,7 @@ pub async fn token_usage(
     let month = match query.month {
         Some(m) => Some(
             m.parse::<Month>()
-                .map_err(|e| ApiError::bad_request("invalid_request", e))?,
+                .map_err(|e| ApiError::new(Code::InvalidRequest, e))?,
         ),
         None => None,
     };

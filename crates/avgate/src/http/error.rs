@@ -22,10 +22,172 @@ use crate::scan::EngineError;
 /// Seconds a client should wait before retrying a 503.
 const RETRY_AFTER_SECS: u32 = 5;
 
+/// Every `code` an error body can carry, each with its one HTTP status.
+/// These are the stable contract clients program against (docs/api.md
+/// lists them; a test holds the two together): never rename one, add new
+/// ones instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    InvalidContentType,
+    InvalidMultipart,
+    InvalidBody,
+    MissingFile,
+    TooManyFiles,
+    TooManyParts,
+    FileTooLarge,
+    FieldTooLarge,
+    RequestTooLarge,
+    NotFound,
+    MethodNotAllowed,
+    ServerBusy,
+    EngineBusy,
+    EngineUnavailable,
+    EngineError,
+    EngineTimeout,
+    TokenInQuery,
+    Unauthorized,
+    Forbidden,
+    QuotaExceeded,
+    TokenConcurrencyLimit,
+    StoreUnavailable,
+    IpForbidden,
+    RateLimited,
+    TooManyAuthFailures,
+    RequestTimeout,
+    UploadTooSlow,
+    InvalidJson,
+    InvalidRequest,
+    TokenNotFound,
+    TokenNameTaken,
+    TokenRevoked,
+    PolicyExists,
+    PolicyNotFound,
+    PolicyRemoved,
+}
+
+impl Code {
+    pub const ALL: &'static [Code] = &[
+        Code::InvalidContentType,
+        Code::InvalidMultipart,
+        Code::InvalidBody,
+        Code::MissingFile,
+        Code::TooManyFiles,
+        Code::TooManyParts,
+        Code::FileTooLarge,
+        Code::FieldTooLarge,
+        Code::RequestTooLarge,
+        Code::NotFound,
+        Code::MethodNotAllowed,
+        Code::ServerBusy,
+        Code::EngineBusy,
+        Code::EngineUnavailable,
+        Code::EngineError,
+        Code::EngineTimeout,
+        Code::TokenInQuery,
+        Code::Unauthorized,
+        Code::Forbidden,
+        Code::QuotaExceeded,
+        Code::TokenConcurrencyLimit,
+        Code::StoreUnavailable,
+        Code::IpForbidden,
+        Code::RateLimited,
+        Code::TooManyAuthFailures,
+        Code::RequestTimeout,
+        Code::UploadTooSlow,
+        Code::InvalidJson,
+        Code::InvalidRequest,
+        Code::TokenNotFound,
+        Code::TokenNameTaken,
+        Code::TokenRevoked,
+        Code::PolicyExists,
+        Code::PolicyNotFound,
+        Code::PolicyRemoved,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::InvalidContentType => "invalid_content_type",
+            Code::InvalidMultipart => "invalid_multipart",
+            Code::InvalidBody => "invalid_body",
+            Code::MissingFile => "missing_file",
+            Code::TooManyFiles => "too_many_files",
+            Code::TooManyParts => "too_many_parts",
+            Code::FileTooLarge => "file_too_large",
+            Code::FieldTooLarge => "field_too_large",
+            Code::RequestTooLarge => "request_too_large",
+            Code::NotFound => "not_found",
+            Code::MethodNotAllowed => "method_not_allowed",
+            Code::ServerBusy => "server_busy",
+            Code::EngineBusy => "engine_busy",
+            Code::EngineUnavailable => "engine_unavailable",
+            Code::EngineError => "engine_error",
+            Code::EngineTimeout => "engine_timeout",
+            Code::TokenInQuery => "token_in_query",
+            Code::Unauthorized => "unauthorized",
+            Code::Forbidden => "forbidden",
+            Code::QuotaExceeded => "quota_exceeded",
+            Code::TokenConcurrencyLimit => "token_concurrency_limit",
+            Code::StoreUnavailable => "store_unavailable",
+            Code::IpForbidden => "ip_forbidden",
+            Code::RateLimited => "rate_limited",
+            Code::TooManyAuthFailures => "too_many_auth_failures",
+            Code::RequestTimeout => "request_timeout",
+            Code::UploadTooSlow => "upload_too_slow",
+            Code::InvalidJson => "invalid_json",
+            Code::InvalidRequest => "invalid_request",
+            Code::TokenNotFound => "token_not_found",
+            Code::TokenNameTaken => "token_name_taken",
+            Code::TokenRevoked => "token_revoked",
+            Code::PolicyExists => "policy_exists",
+            Code::PolicyNotFound => "policy_not_found",
+            Code::PolicyRemoved => "policy_removed",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Code::InvalidContentType => StatusCode::BAD_REQUEST,
+            Code::InvalidMultipart => StatusCode::BAD_REQUEST,
+            Code::InvalidBody => StatusCode::BAD_REQUEST,
+            Code::MissingFile => StatusCode::BAD_REQUEST,
+            Code::TooManyFiles => StatusCode::BAD_REQUEST,
+            Code::TooManyParts => StatusCode::BAD_REQUEST,
+            Code::FileTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::FieldTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Code::ServerBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Code::EngineBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Code::EngineUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::EngineError => StatusCode::SERVICE_UNAVAILABLE,
+            Code::EngineTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Code::TokenInQuery => StatusCode::BAD_REQUEST,
+            Code::Unauthorized => StatusCode::UNAUTHORIZED,
+            Code::Forbidden => StatusCode::FORBIDDEN,
+            Code::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+            Code::TokenConcurrencyLimit => StatusCode::TOO_MANY_REQUESTS,
+            Code::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::IpForbidden => StatusCode::FORBIDDEN,
+            Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Code::TooManyAuthFailures => StatusCode::TOO_MANY_REQUESTS,
+            Code::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Code::UploadTooSlow => StatusCode::REQUEST_TIMEOUT,
+            Code::InvalidJson => StatusCode::BAD_REQUEST,
+            Code::InvalidRequest => StatusCode::BAD_REQUEST,
+            Code::TokenNotFound => StatusCode::NOT_FOUND,
+            Code::TokenNameTaken => StatusCode::CONFLICT,
+            Code::TokenRevoked => StatusCode::CONFLICT,
+            Code::PolicyExists => StatusCode::CONFLICT,
+            Code::PolicyNotFound => StatusCode::NOT_FOUND,
+            Code::PolicyRemoved => StatusCode::CONFLICT,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
     pub filename: Option<String>,
     /// Extra top-level fields (e.g. the results of a partial batch).
@@ -38,7 +200,7 @@ pub struct ApiError {
 /// The `code` of an error response, left in the response's extensions
 /// for the metrics middleware (rejections by reason).
 #[derive(Debug, Clone, Copy)]
-pub struct ErrorCode(pub &'static str);
+pub struct ErrorCode(pub Code);
 
 #[derive(Serialize)]
 struct Body<'a> {
@@ -55,9 +217,8 @@ struct Detail<'a> {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn new(code: Code, message: impl Into<String>) -> ApiError {
         ApiError {
-            status,
             code,
             message: message.into(),
             filename: None,
@@ -66,36 +227,26 @@ impl ApiError {
         }
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
     pub fn too_large(limit: u64) -> ApiError {
         ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "file_too_large",
+            Code::FileTooLarge,
             format!("the file is larger than the limit of {limit} bytes"),
         )
     }
 
     pub fn not_found() -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        ApiError::new(Code::NotFound, "no such endpoint")
     }
 
     pub fn method_not_allowed() -> ApiError {
         ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+            Code::MethodNotAllowed,
             "this endpoint does not accept that method",
         )
     }
 
     pub fn server_busy() -> ApiError {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_busy",
-            "too many scans in progress; retry later",
-        )
+        ApiError::new(Code::ServerBusy, "too many scans in progress; retry later")
     }
 
     pub fn with_filename(mut self, filename: Option<String>) -> ApiError {
@@ -116,22 +267,22 @@ impl ApiError {
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
-        let (status, code) = match &e {
-            EngineError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "engine_unavailable"),
-            EngineError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "engine_busy"),
-            EngineError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "engine_timeout"),
-            EngineError::Failed(_) => (StatusCode::SERVICE_UNAVAILABLE, "engine_error"),
+        let code = match &e {
+            EngineError::Unavailable(_) => Code::EngineUnavailable,
+            EngineError::Busy => Code::EngineBusy,
+            EngineError::Timeout(_) => Code::EngineTimeout,
+            EngineError::Failed(_) => Code::EngineError,
         };
         // Engine failures are ours, not the client's: log the detail, send
         // a message that names the class of problem only.
-        tracing::warn!(code, error = %e, "scan failed");
+        tracing::warn!(code = code.as_str(), error = %e, "scan failed");
         let message = match &e {
             EngineError::Unavailable(_) => "no scan engine is available; the file was not scanned",
             EngineError::Busy => "all scan engines are busy; the file was not scanned",
             EngineError::Timeout(_) => "the scan engine timed out; the file was not fully scanned",
             EngineError::Failed(_) => "the scan engine failed; the file was not scanned",
         };
-        ApiError::new(status, code, message)
+        ApiError::new(code, message)
     }
 }
 
@@ -139,22 +290,18 @@ impl From<PipelineError> for ApiError {
     fn from(e: PipelineError) -> ApiError {
         match e {
             PipelineError::TooLarge { limit } => ApiError::too_large(limit),
-            PipelineError::Body(BodyError::TooLarge) => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request_too_large",
-                "the request is too large",
-            ),
-            PipelineError::Body(BodyError::Multipart(msg)) => ApiError::bad_request(
-                "invalid_multipart",
+            PipelineError::Body(BodyError::TooLarge) => {
+                ApiError::new(Code::RequestTooLarge, "the request is too large")
+            }
+            PipelineError::Body(BodyError::Multipart(msg)) => ApiError::new(
+                Code::InvalidMultipart,
                 format!("malformed multipart body: {msg}"),
             ),
-            PipelineError::Body(e @ BodyError::TooSlow(_)) => ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "upload_too_slow",
-                e.to_string(),
-            ),
-            PipelineError::Body(BodyError::Read(msg)) => ApiError::bad_request(
-                "invalid_body",
+            PipelineError::Body(e @ BodyError::TooSlow(_)) => {
+                ApiError::new(Code::UploadTooSlow, e.to_string())
+            }
+            PipelineError::Body(BodyError::Read(msg)) => ApiError::new(
+                Code::InvalidBody,
                 format!("the upload could not be read: {msg}"),
             ),
             PipelineError::Engine(e) => e.into(),
@@ -167,7 +314,7 @@ impl IntoResponse for ApiError {
         let body = Body {
             status: "ERROR",
             error: Detail {
-                code: self.code,
+                code: self.code.as_str(),
                 message: &self.message,
             },
             filename: self.filename.as_deref(),
@@ -177,11 +324,12 @@ impl IntoResponse for ApiError {
             let (key, extra) = *extra;
             map.insert(key.to_owned(), extra);
         }
-        let mut response = (self.status, Json(value)).into_response();
+        let status = self.code.status();
+        let mut response = (status, Json(value)).into_response();
         response.extensions_mut().insert(ErrorCode(self.code));
         let retry_after = match self.retry_after {
             Some(s) => Some(s),
-            None if self.status == StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_SECS.into()),
+            None if status == StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_SECS.into()),
             None => None,
         };
         if let Some(seconds) = retry_after {
@@ -190,5 +338,85 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repo_file(name: &str) -> String {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// The table rows of `text` (lines starting with `|`) after the line
+    /// `header`, up to the first line that is not a row.
+    fn table_after<'a>(text: &'a str, header: &str) -> Vec<Vec<&'a str>> {
+        let start = text
+            .find(header)
+            .unwrap_or_else(|| panic!("no table {header:?}"));
+        text[start..]
+            .lines()
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
+            .collect()
+    }
+
+    #[test]
+    fn codes_are_unique_snake_case_names() {
+        let mut names: Vec<&str> = Code::ALL.iter().map(|c| c.as_str()).collect();
+        assert!(names
+            .iter()
+            .all(|n| n.chars().all(|c| c.is_ascii_lowercase() || c == '_')));
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Code::ALL.len());
+    }
+
+    #[test]
+    fn the_api_reference_lists_every_code_with_its_status_and_no_other() {
+        let api = repo_file("docs/api.md");
+        let rows = table_after(&api, "| Code | HTTP | Endpoints | Meaning |");
+        let documented: Vec<(String, String)> = rows
+            .iter()
+            .map(|r| (r[0].trim_matches('`').to_owned(), r[1].to_owned()))
+            .collect();
+        for code in Code::ALL {
+            let status = code.status().as_u16().to_string();
+            assert!(
+                documented.contains(&(code.as_str().to_owned(), status.clone())),
+                "docs/api.md has no row `{}` | {status}",
+                code.as_str()
+            );
+        }
+        for (name, _) in &documented {
+            assert!(
+                Code::ALL.iter().any(|c| c.as_str() == name),
+                "docs/api.md documents {name}, which avgate never answers"
+            );
+        }
+    }
+
+    #[test]
+    fn the_readme_error_table_has_every_code_under_its_status() {
+        let readme = repo_file("README.md");
+        let rows = table_after(&readme, "| HTTP | code | when |");
+        for code in Code::ALL {
+            let name = format!("`{}`", code.as_str());
+            let status = code.status().as_u16().to_string();
+            let row = rows
+                .iter()
+                .find(|r| r[1].split(", ").any(|c| c == name))
+                .unwrap_or_else(|| panic!("README's error table has no {name}"));
+            assert!(
+                row[0].split(", ").any(|s| s == status),
+                "README lists {name} under {}, not {status}",
+                row[0]
+            );
+        }
     }
 }

@@ -17,7 +17,7 @@ use axum::Json;
 use serde::Deserialize;
 
 use super::admin::ApiJson;
-use super::error::ApiError;
+use super::error::{ApiError, Code};
 use super::AppState;
 use crate::auth::manage::Actor;
 use crate::auth::{store_failed, AdminPrincipal};
@@ -28,16 +28,10 @@ use crate::store::clock;
 
 fn policy_error(e: PolicyError) -> ApiError {
     match e {
-        PolicyError::Invalid(msg) => ApiError::bad_request("invalid_request", msg),
-        PolicyError::Exists { .. } => {
-            ApiError::new(StatusCode::CONFLICT, "policy_exists", e.to_string())
-        }
-        PolicyError::NotFound(_) => {
-            ApiError::new(StatusCode::NOT_FOUND, "policy_not_found", e.to_string())
-        }
-        PolicyError::AlreadyRemoved(_) => {
-            ApiError::new(StatusCode::CONFLICT, "policy_removed", e.to_string())
-        }
+        PolicyError::Invalid(msg) => ApiError::new(Code::InvalidRequest, msg),
+        PolicyError::Exists { .. } => ApiError::new(Code::PolicyExists, e.to_string()),
+        PolicyError::NotFound(_) => ApiError::new(Code::PolicyNotFound, e.to_string()),
+        PolicyError::AlreadyRemoved(_) => ApiError::new(Code::PolicyRemoved, e.to_string()),
         PolicyError::Store(e) => store_failed(e),
     }
 }
@@ -71,8 +65,7 @@ pub async fn list(
     State(state): State<AppState>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) =
-        query.map_err(|r| ApiError::bad_request("invalid_request", r.body_text()))?;
+    let Query(query) = query.map_err(|r| ApiError::new(Code::InvalidRequest, r.body_text()))?;
     let entries = manage::list(state.auth.store.as_ref(), query.all)
         .await
         .map_err(policy_error)?;
@@ -95,7 +88,7 @@ pub async fn add(
 ) -> Result<Response, ApiError> {
     let spec = options
         .validate(clock::now())
-        .map_err(|m| ApiError::bad_request("invalid_request", m))?;
+        .map_err(|m| ApiError::new(Code::InvalidRequest, m))?;
     let author = format!("token:{}", admin.principal().name);
     let view = manage::add(
         state.auth.store.as_ref(),

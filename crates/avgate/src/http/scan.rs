@@ -3,7 +3,7 @@
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::{StreamExt, TryStreamExt};
@@ -11,7 +11,7 @@ use multer::{Constraints, Multipart, SizeLimit};
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::error::ApiError;
+use super::error::{ApiError, Code};
 use super::observe::ScanContext;
 use super::AppState;
 use crate::auth::quota::Meter;
@@ -40,8 +40,7 @@ pub async fn scan_one(
         match part {
             Part::File(field) => {
                 if result.is_some() {
-                    return Err(ApiError::bad_request(
-                        "too_many_files",
+                    return Err(ApiError::new(Code::TooManyFiles,
                         "POST /v1/scan takes one part named \"file\"; use /v1/scan/batch for several",
                     ));
                 }
@@ -87,8 +86,8 @@ pub async fn scan_batch(
         };
         let Part::File(field) = part else { continue };
         if results.len() >= max_files {
-            return Err(ApiError::bad_request(
-                "too_many_files",
+            return Err(ApiError::new(
+                Code::TooManyFiles,
                 format!("at most {max_files} files per request"),
             )
             .with_extra("results", partial(&results)));
@@ -125,8 +124,7 @@ pub async fn scan_raw(
         None => {}
         Some(ct) if ct == "application/octet-stream" => {}
         Some(ct) => {
-            return Err(ApiError::bad_request(
-                "invalid_content_type",
+            return Err(ApiError::new(Code::InvalidContentType,
                 format!("expected Content-Type: application/octet-stream, got {ct:?} (multipart uploads go to POST /v1/scan)"),
             ))
         }
@@ -192,8 +190,8 @@ where
 }
 
 fn missing_file() -> ApiError {
-    ApiError::bad_request(
-        "missing_file",
+    ApiError::new(
+        Code::MissingFile,
         "no part named \"file\" in the form (curl -F \"file=@path\")",
     )
 }
@@ -285,14 +283,12 @@ impl Form {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
         else {
-            return Err(ApiError::bad_request(
-                "invalid_content_type",
+            return Err(ApiError::new(Code::InvalidContentType,
                 "expected Content-Type: multipart/form-data with a part named \"file\" (or POST the bytes to /v1/scan/raw)",
             ));
         };
         let boundary = multer::parse_boundary(ct).map_err(|_| {
-            ApiError::bad_request(
-                "invalid_content_type",
+            ApiError::new(Code::InvalidContentType,
                 format!("expected Content-Type: multipart/form-data with a boundary, got {ct:?} (raw bodies go to POST /v1/scan/raw)"),
             )
         })?;
@@ -306,8 +302,7 @@ impl Form {
                 ApiError::too_large(limits.max_size)
             } else {
                 ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request_too_large",
+                    Code::RequestTooLarge,
                     format!("the request is larger than the limit of {max_body} bytes"),
                 )
             });
@@ -346,8 +341,8 @@ impl Form {
         };
         self.parts += 1;
         if self.parts > self.max_parts {
-            return Err(ApiError::bad_request(
-                "too_many_parts",
+            return Err(ApiError::new(
+                Code::TooManyParts,
                 format!("at most {} parts per request", self.max_parts),
             ));
         }
@@ -383,18 +378,15 @@ fn body_error(e: multer::Error) -> BodyError {
 fn multipart_error(e: multer::Error) -> ApiError {
     match e {
         multer::Error::StreamReadFailed(_) => pipeline::PipelineError::Body(body_error(e)).into(),
-        multer::Error::FieldSizeExceeded { .. } => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "field_too_large",
-            "a form field is larger than the limit",
-        ),
+        multer::Error::FieldSizeExceeded { .. } => {
+            ApiError::new(Code::FieldTooLarge, "a form field is larger than the limit")
+        }
         multer::Error::StreamSizeExceeded { .. } => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request_too_large",
+            Code::RequestTooLarge,
             "the request is larger than the limit",
         ),
-        other => ApiError::bad_request(
-            "invalid_multipart",
+        other => ApiError::new(
+            Code::InvalidMultipart,
             format!("malformed multipart body: {other}"),
         ),
     }

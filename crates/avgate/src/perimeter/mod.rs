@@ -25,7 +25,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use ipnet::IpNet;
 
-use crate::http::error::ApiError;
+use crate::http::error::{ApiError, Code};
 use crate::http::ClientAddr;
 use network::IpPolicy;
 use ratelimit::{Decision, Limiter, Rate};
@@ -121,7 +121,7 @@ impl Perimeter {
         match decision {
             Decision::Allowed { .. } => Ok(()),
             Decision::Limited { retry_after, .. } => Err(rate_limited(
-                "rate_limited",
+                Code::RateLimited,
                 "too many requests for this token",
                 retry_after,
             )),
@@ -140,15 +140,13 @@ fn client_ip_of(parts: &axum::http::request::Parts) -> IpAddr {
 
 fn forbidden_ip() -> ApiError {
     ApiError::new(
-        StatusCode::FORBIDDEN,
-        "ip_forbidden",
+        Code::IpForbidden,
         "requests from this address are not allowed",
     )
 }
 
-fn rate_limited(code: &'static str, message: &str, retry_after: Duration) -> ApiError {
-    ApiError::new(StatusCode::TOO_MANY_REQUESTS, code, message)
-        .with_retry_after(retry_after.as_secs().max(1))
+fn rate_limited(code: Code, message: &str, retry_after: Duration) -> ApiError {
+    ApiError::new(code, message).with_retry_after(retry_after.as_secs().max(1))
 }
 
 /// The middleware on protected routes.
@@ -177,7 +175,7 @@ pub async fn guard(State(p): State<Arc<Perimeter>>, mut request: Request, next: 
         p.auth_fail_limiter.peek(&ip, fails.rate, fails.burst)
     {
         return rate_limited(
-            "too_many_auth_failures",
+            Code::TooManyAuthFailures,
             "too many failed authentications from this address",
             retry_after,
         )
@@ -186,7 +184,7 @@ pub async fn guard(State(p): State<Arc<Perimeter>>, mut request: Request, next: 
     let ip_decision = p.per_ip.map(|s| p.ip_limiter.check(&ip, s.rate, s.burst));
     if let Some(Decision::Limited { retry_after, .. }) = ip_decision {
         let mut response = rate_limited(
-            "rate_limited",
+            Code::RateLimited,
             "too many requests from this address",
             retry_after,
         )
@@ -200,8 +198,7 @@ pub async fn guard(State(p): State<Arc<Perimeter>>, mut request: Request, next: 
     let mut response = match tokio::time::timeout(p.request_timeout, next.run(request)).await {
         Ok(r) => r,
         Err(_) => ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
+            Code::RequestTimeout,
             format!(
                 "the request took longer than {}s",
                 p.request_timeout.as_secs()
