@@ -374,6 +374,55 @@ async fn overload_is_refused_with_503_not_queued_without_bound() {
     assert_error(&first.await.unwrap(), 504, "engine_timeout");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_past_max_concurrent_scans_get_503_server_busy_at_once() {
+    let fake = FakeClamd::start(Fault::StallReply).await;
+    let mut cfg = config(std::slice::from_ref(&fake.address));
+    cfg.max_concurrent_scans = 1;
+    cfg.clamd.scan_timeout = Humantime(Duration::from_secs(3));
+    let gw = std::sync::Arc::new(Gateway::start(cfg).await);
+    let first = {
+        let gw = gw.clone();
+        tokio::spawn(async move { gw.scan("slow.bin", b"slow".to_vec()).await })
+    };
+    wait_backend_in_flight(&gw, 1).await;
+    let started = Instant::now();
+    let r = gw
+        .client
+        .post(gw.url("/v1/scan/raw"))
+        .header("content-type", "application/octet-stream")
+        .body("second")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["retry-after"], "5");
+    assert_error(&json(r).await, 503, "server_busy");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
+    assert_error(&first.await.unwrap(), 504, "engine_timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_request_timeout_gets_408_and_no_verdict() {
+    let fake = FakeClamd::start(Fault::StallReply).await;
+    let mut cfg = config(std::slice::from_ref(&fake.address));
+    cfg.request_timeout = Humantime(Duration::from_secs(1));
+    cfg.clamd.scan_timeout = Humantime(Duration::from_secs(30));
+    let gw = Gateway::start(cfg).await;
+    let started = Instant::now();
+    // (The fake answers only its health probes, EICAR.)
+    assert_error(
+        &gw.scan("slow.bin", b"slow".to_vec()).await,
+        408,
+        "request_timeout",
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The abandoned scan gave its clamd slot back.
+    wait_backend_in_flight(&gw, 0).await;
+}
+
 /// Scans in flight on the first backend, as /readyz reports them.
 async fn backend_in_flight(gw: &Gateway) -> u64 {
     let (_, ready) = gw.readyz().await;

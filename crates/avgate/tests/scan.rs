@@ -7,6 +7,7 @@ use common::*;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eicar_is_found_and_a_clean_file_is_ok() {
@@ -236,6 +237,20 @@ async fn bad_requests_get_one_json_error_shape() {
             400,
             "invalid_content_type",
         ),
+        (
+            "/v1/scan",
+            &mp,
+            // A form field past max_field_size (64 KiB).
+            multipart_body(
+                b,
+                &[
+                    ("note", None, &[b'x'; 70_000][..]),
+                    ("file", Some(&b"a"[..]), &b"1"[..]),
+                ],
+            ),
+            413,
+            "field_too_large",
+        ),
         ("/v1/nope", "text/plain", b"".to_vec(), 404, "not_found"),
     ];
     for (path, ct, body, want_status, want_code) in cases {
@@ -247,6 +262,23 @@ async fn bad_requests_get_one_json_error_shape() {
     }
     let r = gw.client.get(gw.url("/v1/scan")).send().await.unwrap();
     assert_error(&json(r).await, 405, "method_not_allowed");
+
+    // A batch that says it is larger than 16 files of max_size: refused
+    // from its head, before any of it is sent.
+    let mut stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/scan/batch HTTP/1.1\r\nHost: x\r\nContent-Type: {mp}\r\n\
+         Content-Length: 99999999999\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("\"code\"") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed without an answer");
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert_raw_error(&String::from_utf8_lossy(&answer), 413, "request_too_large");
     gw.stop().await;
 }
 
