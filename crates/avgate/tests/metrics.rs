@@ -255,11 +255,23 @@ async fn metrics_count_known_scans_by_label_and_pass_promtool() {
     let (ok, report) = promtool(&["check", "metrics"], Some(&text));
     assert!(ok, "promtool check metrics:\n{report}\n{text}");
 
-    // The dashboard and the alert rules only use metrics that exist.
+    // The dashboard, the alert rules and the operations guide only use
+    // metrics that exist, and the guide describes every one.
     let present: Vec<&str> = s.iter().map(|x| x.name.as_str()).collect();
+    let documented = names_used_in(&repo_root().join("docs/operations.md"));
+    for name in &present {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .fold(*name, |n, s| n.strip_suffix(s).unwrap_or(n));
+        assert!(
+            documented.iter().any(|d| d == base),
+            "docs/operations.md does not describe {base}"
+        );
+    }
     for file in [
         "deploy/grafana-dashboard.json",
         "deploy/prometheus-alerts.yml",
+        "docs/operations.md",
     ] {
         for name in names_used_in(&repo_root().join(file)) {
             let exists = present.iter().any(|p| {
