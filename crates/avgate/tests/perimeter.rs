@@ -128,6 +128,35 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
     gw.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_client_cannot_step_around_the_rate_limit_within_its_64() {
+    let clamd = Clamd::start("");
+    // Behind a trusted proxy, so that the test can speak for IPv6 clients.
+    let mut cfg = config(&[clamd.address()]);
+    cfg.network.trusted_proxies = vec!["127.0.0.1".into()];
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.per_ip = "1/m".parse().unwrap();
+    cfg.rate_limit.per_ip_burst = 2;
+    let gw = Gateway::start(cfg).await;
+    let from = |client: &'static str| scan_with_forwarded(&gw, client);
+    assert_eq!(from("2001:db8:0:1::1").await, 200);
+    assert_eq!(from("2001:db8:0:1::2").await, 200);
+    // A third address of the same /64: the same client, over its burst.
+    assert_eq!(from("2001:db8:0:1:abcd::99").await, 429);
+    // Another /64, and an IPv4 client, have buckets of their own.
+    assert_eq!(from("2001:db8:0:2::1").await, 200);
+    assert_eq!(from("198.51.100.1").await, 200);
+    assert_eq!(from("198.51.100.2").await, 200);
+    gw.stop().await;
+}
+
+async fn scan_with_forwarded(gw: &Gateway, client: &str) -> u16 {
+    scan_with(gw, &[("x-forwarded-for", client)])
+        .await
+        .status()
+        .as_u16()
+}
+
 /// Reads until the server closes the connection (or `limit` passes);
 /// returns what it sent and how long that took.
 async fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (String, Option<Duration>) {

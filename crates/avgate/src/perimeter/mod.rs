@@ -138,6 +138,17 @@ fn client_ip_of(parts: &axum::http::request::Parts) -> IpAddr {
         .unwrap_or(IpAddr::from([127, 0, 0, 1]))
 }
 
+/// Whose buckets a client address uses: the address itself, or for IPv6
+/// its /64. One IPv6 host is usually given a whole /64 (SLAAC, privacy
+/// addresses) and can pick any address in it, so per-address buckets would
+/// let a single client step around every per-address limit.
+fn rate_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !(u128::MAX >> 64)).into()),
+        v4 => v4,
+    }
+}
+
 fn forbidden_ip() -> ApiError {
     ApiError::new(
         Code::IpForbidden,
@@ -172,7 +183,8 @@ pub async fn guard(State(p): State<Arc<Perimeter>>, mut request: Request, next: 
     }
     let fails = p.auth_failures;
     if let Decision::Limited { retry_after, .. } =
-        p.auth_fail_limiter.peek(&ip, fails.rate, fails.burst)
+        p.auth_fail_limiter
+            .peek(&rate_key(ip), fails.rate, fails.burst)
     {
         return rate_limited(
             Code::TooManyAuthFailures,
@@ -181,7 +193,9 @@ pub async fn guard(State(p): State<Arc<Perimeter>>, mut request: Request, next: 
         )
         .into_response();
     }
-    let ip_decision = p.per_ip.map(|s| p.ip_limiter.check(&ip, s.rate, s.burst));
+    let ip_decision = p
+        .per_ip
+        .map(|s| p.ip_limiter.check(&rate_key(ip), s.rate, s.burst));
     if let Some(Decision::Limited { retry_after, .. }) = ip_decision {
         let mut response = rate_limited(
             Code::RateLimited,
@@ -207,7 +221,8 @@ pub async fn guard(State(p): State<Arc<Perimeter>>, mut request: Request, next: 
         .into_response(),
     };
     if response.status() == StatusCode::UNAUTHORIZED {
-        p.auth_fail_limiter.check(&ip, fails.rate, fails.burst);
+        p.auth_fail_limiter
+            .check(&rate_key(ip), fails.rate, fails.burst);
     }
     // The token's bucket is the one that matters to a partner; without a
     // token, the address's.
@@ -234,4 +249,19 @@ fn set_rate_headers(headers: &mut HeaderMap, decision: Option<Decision>) {
     headers.insert(LIMIT, HeaderValue::from(limit));
     headers.insert(REMAINING, HeaderValue::from(remaining));
     headers.insert(RESET, HeaderValue::from(reset.as_secs_f64().ceil() as u64));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_share_buckets_by_64_and_ipv4_by_address() {
+        let key = |s: &str| rate_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::");
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        assert_eq!(key("203.0.113.7"), "203.0.113.7");
+        assert_ne!(key("203.0.113.7"), key("203.0.113.8"));
+    }
 }

@@ -90,27 +90,48 @@ struct Bucket {
     last: Instant,
 }
 
-/// Most keys kept before full (idle) buckets are dropped. A full bucket
-/// carries no information, so dropping it changes no decision.
+/// Most keys kept. A full bucket carries no information, so dropping one
+/// changes no decision; those go first.
 const MAX_KEYS: usize = 100_000;
+
+/// Shortest time between two sweeps of the full buckets.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Token buckets by key. `check` takes one token if there is one.
 #[derive(Debug)]
 pub struct Limiter<K> {
-    buckets: Mutex<HashMap<K, Bucket>>,
+    state: Mutex<Buckets<K>>,
+    max_keys: usize,
+}
+
+#[derive(Debug)]
+struct Buckets<K> {
+    map: HashMap<K, Bucket>,
+    last_sweep: Option<Instant>,
+    /// Sweeps so far (tests check that a flood does not sweep per request).
+    sweeps: u64,
 }
 
 impl<K: Eq + Hash + Clone> Default for Limiter<K> {
     fn default() -> Self {
-        Limiter {
-            buckets: Mutex::new(HashMap::new()),
-        }
+        Self::with_max_keys(MAX_KEYS)
     }
 }
 
 impl<K: Eq + Hash + Clone> Limiter<K> {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    fn with_max_keys(max_keys: usize) -> Self {
+        Limiter {
+            state: Mutex::new(Buckets {
+                map: HashMap::new(),
+                last_sweep: None,
+                sweeps: 0,
+            }),
+            max_keys,
+        }
     }
 
     /// Takes one token from `key`'s bucket (rate `rate`, capacity `burst`).
@@ -120,9 +141,9 @@ impl<K: Eq + Hash + Clone> Limiter<K> {
 
     /// Like `check`, but only looks: no token is taken.
     pub fn peek(&self, key: &K, rate: Rate, burst: u32) -> Decision {
-        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        let bucket = buckets.get(key).copied().unwrap_or(Bucket {
+        let bucket = state.map.get(key).copied().unwrap_or(Bucket {
             tokens: f64::from(burst),
             last: now,
         });
@@ -131,11 +152,11 @@ impl<K: Eq + Hash + Clone> Limiter<K> {
     }
 
     fn check_at(&self, key: &K, rate: Rate, burst: u32, now: Instant) -> Decision {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() >= MAX_KEYS && !buckets.contains_key(key) {
-            buckets.retain(|_, b| refill(*b, rate, burst, now).tokens < f64::from(burst));
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.map.len() >= self.max_keys && !state.map.contains_key(key) {
+            state.make_room(self.max_keys, rate, burst, now);
         }
-        let bucket = buckets.entry(key.clone()).or_insert(Bucket {
+        let bucket = state.map.entry(key.clone()).or_insert(Bucket {
             tokens: f64::from(burst.max(1)),
             last: now,
         });
@@ -145,6 +166,31 @@ impl<K: Eq + Hash + Clone> Limiter<K> {
             bucket.tokens -= 1.0;
         }
         decision
+    }
+}
+
+impl<K: Eq + Hash + Clone> Buckets<K> {
+    /// Room for one more key. The full buckets go, in a sweep made at most
+    /// once a second: a flood of new keys (an IPv6 network holds billions
+    /// of /64s) must not make every request walk the whole map under the
+    /// lock. If the map is still full, an arbitrary key goes: its owner
+    /// starts again with a full bucket, and during such a flood that owner
+    /// is most likely the flooder, who has fresh keys anyway.
+    fn make_room(&mut self, max_keys: usize, rate: Rate, burst: u32, now: Instant) {
+        let due = self
+            .last_sweep
+            .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_INTERVAL);
+        if due {
+            self.last_sweep = Some(now);
+            self.sweeps += 1;
+            self.map
+                .retain(|_, b| refill(*b, rate, burst, now).tokens < f64::from(burst));
+        }
+        if self.map.len() >= max_keys {
+            if let Some(key) = self.map.keys().next().cloned() {
+                self.map.remove(&key);
+            }
+        }
     }
 }
 
@@ -218,6 +264,54 @@ mod tests {
         ));
         assert!(matches!(
             limiter.check_at(&"k", rate, 20, later),
+            Decision::Limited { .. }
+        ));
+    }
+
+    #[test]
+    fn a_flood_of_new_keys_stays_bounded_and_is_not_swept_per_request() {
+        let limiter = Limiter::with_max_keys(100);
+        // Slow refill: no bucket touched here is full again within the test.
+        let rate: Rate = "1/m".parse().unwrap();
+        let t0 = Instant::now();
+        for key in 0..10_000u32 {
+            let d = limiter.check_at(&key, rate, 10, t0);
+            assert!(matches!(d, Decision::Allowed { .. }), "{key}: {d:?}");
+        }
+        {
+            let state = limiter.state.lock().unwrap();
+            assert!(state.map.len() <= 100, "{} keys", state.map.len());
+            assert_eq!(state.sweeps, 1, "one sweep in the same second");
+        }
+        // A second later the next new key may sweep again.
+        limiter.check_at(&20_000, rate, 10, t0 + Duration::from_millis(1500));
+        assert_eq!(limiter.state.lock().unwrap().sweeps, 2);
+    }
+
+    #[test]
+    fn full_buckets_are_swept_and_a_drained_one_is_remembered() {
+        let limiter = Limiter::with_max_keys(100);
+        let rate: Rate = "10/s".parse().unwrap();
+        let t0 = Instant::now();
+        // 99 clients that made one request: full again 0.1 s later.
+        for key in 0..99u32 {
+            limiter.check_at(&key, rate, 20, t0);
+        }
+        // One that used its whole burst just now.
+        let drained = t0 + Duration::from_millis(9_990);
+        for _ in 0..20 {
+            limiter.check_at(&1_000, rate, 20, drained);
+        }
+        // A new client, with the map full.
+        limiter.check_at(&2_000, rate, 20, t0 + Duration::from_secs(10));
+        let state = limiter.state.lock().unwrap();
+        let mut keys: Vec<u32> = state.map.keys().copied().collect();
+        keys.sort();
+        assert_eq!(keys, vec![1_000, 2_000]);
+        drop(state);
+        // And the drained client is still limited.
+        assert!(matches!(
+            limiter.check_at(&1_000, rate, 20, t0 + Duration::from_secs(10)),
             Decision::Limited { .. }
         ));
     }
