@@ -63,6 +63,7 @@ pub enum Code {
     PolicyExists,
     PolicyNotFound,
     PolicyRemoved,
+    PolicyPending,
 }
 
 impl Code {
@@ -102,6 +103,7 @@ impl Code {
         Code::PolicyExists,
         Code::PolicyNotFound,
         Code::PolicyRemoved,
+        Code::PolicyPending,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -141,6 +143,7 @@ impl Code {
             Code::PolicyExists => "policy_exists",
             Code::PolicyNotFound => "policy_not_found",
             Code::PolicyRemoved => "policy_removed",
+            Code::PolicyPending => "policy_pending",
         }
     }
 
@@ -181,6 +184,7 @@ impl Code {
             Code::PolicyExists => StatusCode::CONFLICT,
             Code::PolicyNotFound => StatusCode::NOT_FOUND,
             Code::PolicyRemoved => StatusCode::CONFLICT,
+            Code::PolicyPending => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -305,6 +309,11 @@ impl From<PipelineError> for ApiError {
                 format!("the upload could not be read: {msg}"),
             ),
             PipelineError::Engine(e) => e.into(),
+            PipelineError::PolicyPending => ApiError::new(
+                Code::PolicyPending,
+                "the allow entry for this file was just removed and the managed clamd is still \
+                 loading the change; the file was not given a verdict: retry",
+            ),
         }
     }
 }

@@ -80,6 +80,15 @@ impl Files {
     pub fn allowed_count(&self) -> usize {
         self.allow.as_deref().map_or(0, |s| s.lines().count())
     }
+
+    /// The sha256s in the `.sfp`.
+    pub fn allowed_hashes(&self) -> impl Iterator<Item = &str> {
+        self.allow
+            .as_deref()
+            .unwrap_or("")
+            .lines()
+            .filter_map(|l| l.split(':').next())
+    }
 }
 
 /// Where the files go: the managed clamd (its own writer), or a plain

@@ -13,6 +13,7 @@
 //!   clamd has loaded them and passes its probe again). Until then the
 //!   check after the scan keeps a newly ignored finding FOUND.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,6 +91,10 @@ pub struct Policy {
     clamd: Mutex<ClamdStatus>,
     /// The files the managed clamd was last given, and their version.
     written: Mutex<Option<(Files, u64)>>,
+    /// The sha256s the managed clamd has loaded as allowed, or may load at
+    /// any moment (written since, a reload or a restart away): see
+    /// [`Policy::clamd_may_allow`].
+    clamd_allows: Mutex<Arc<HashSet<String>>>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -141,6 +146,7 @@ impl Policy {
                 error: None,
             }),
             written: Mutex::new(None),
+            clamd_allows: Mutex::new(Arc::new(HashSet::new())),
         });
         policy.refresh().await?;
         let snapshot = policy.snapshot();
@@ -180,6 +186,20 @@ impl Policy {
     /// The policy in force now.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.borrow().clone()
+    }
+
+    /// Whether the managed clamd may call this file clean because of an
+    /// allow entry it still has loaded. An allow entry that is removed (or
+    /// expires) leaves the snapshot at once, but clamd's `.sfp` only with
+    /// the next successful reload: meanwhile clamd answers OK for that
+    /// hash, and that OK is not a verdict (see the scan pipeline).
+    pub fn clamd_may_allow(&self, sha256: &str) -> bool {
+        self.target.is_some()
+            && self
+                .clamd_allows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(sha256)
     }
 
     pub fn clamd_status(&self) -> ClamdStatus {
@@ -338,6 +358,14 @@ impl Policy {
             retry = None;
             dirty = true;
             self.update_clamd(|s| s.state = "pending");
+            // From the write on, clamd may load these (a restart is enough);
+            // the ones it has stay until a reload is known to be done.
+            {
+                let mut allows = self.clamd_allows.lock().unwrap_or_else(|e| e.into_inner());
+                let mut more = (**allows).clone();
+                more.extend(rendered.allowed_hashes().map(str::to_owned));
+                *allows = Arc::new(more);
+            }
             let managed = target.managed.clone();
             let to_write = rendered.clone();
             let write =
@@ -376,7 +404,7 @@ impl Policy {
                         .and_then(|b| b.detail.clone())
                         .or(report.error.clone())
                         .unwrap_or_else(|| "the managed clamd was not reloaded".into());
-                    tracing::error!(error = %why, "the managed clamd did not take the new policy; ignores wait (their findings stay FOUND); retrying");
+                    tracing::error!(error = %why, "the managed clamd did not take the new policy; new ignores wait (their findings stay FOUND), removed ignores still hide their signature, and files whose allow entry was removed get 503 policy_pending; retrying");
                     self.update_clamd(|s| {
                         s.state = "failed";
                         s.error = Some(why);
@@ -396,6 +424,8 @@ impl Policy {
             s.applied_at = Some(clock::rfc3339(clock::now()));
             s.error = None;
         });
+        *self.clamd_allows.lock().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(files.allowed_hashes().map(str::to_owned).collect());
         *self.written.lock().unwrap_or_else(|e| e.into_inner()) = Some((files, version));
     }
 

@@ -46,6 +46,12 @@ pub enum PipelineError {
     Body(BodyError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// clamd called the file clean, but may have done so only because of
+    /// an allow entry that was removed and that it has not dropped yet.
+    #[error(
+        "the allow entry for this file was removed and the managed clamd has not reloaded yet"
+    )]
+    PolicyPending,
 }
 
 /// The answer for one scanned file.
@@ -121,6 +127,12 @@ where
     }
     let sha256 = hex::encode(hasher.finalize());
     let verdict = verdict::decide_with_policy(&reports, &sha256, &policy.snapshot());
+    if verdict.status == verdict::Status::OK
+        && verdict.policy.is_none()
+        && policy.clamd_may_allow(&sha256)
+    {
+        return Err(PipelineError::PolicyPending);
+    }
     let engine = reports
         .into_iter()
         .next()
