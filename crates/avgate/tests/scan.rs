@@ -251,6 +251,19 @@ async fn bad_requests_get_one_json_error_shape() {
             413,
             "field_too_large",
         ),
+        (
+            "/v1/scan",
+            &mp,
+            // An encoded file part would be scanned as its encoding.
+            format!(
+                "--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"e.com\"\r\n\
+                 Content-Transfer-Encoding: base64\r\n\r\n\
+                 WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo=\r\n--{b}--\r\n"
+            )
+            .into_bytes(),
+            400,
+            "invalid_multipart",
+        ),
         ("/v1/nope", "text/plain", b"".to_vec(), 404, "not_found"),
     ];
     for (path, ct, body, want_status, want_code) in cases {
@@ -262,6 +275,21 @@ async fn bad_requests_get_one_json_error_shape() {
     }
     let r = gw.client.get(gw.url("/v1/scan")).send().await.unwrap();
     assert_error(&json(r).await, 405, "method_not_allowed");
+
+    // "binary" (no encoding at all) is fine.
+    let mut body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"e.com\"\r\n\
+         Content-Transfer-Encoding: binary\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(EICAR);
+    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+    let (status, found) = gw.post_raw("/v1/scan", &mp, body).await;
+    assert_eq!(
+        (status, found["status"].as_str()),
+        (200, Some("FOUND")),
+        "{found}"
+    );
 
     // A batch that says it is larger than 16 files of max_size: refused
     // from its head, before any of it is sent.

@@ -347,6 +347,27 @@ impl Form {
             ));
         }
         if field.name() == Some("file") {
+            // The part's bytes are what gets scanned. An encoded part
+            // (base64, quoted-printable) would be scanned as its encoding
+            // while a consumer that decodes it gets something else, so it
+            // is refused; RFC 7578 deprecates the header for form data
+            // and no browser or curl sends it.
+            if let Some(cte) = field.headers().get("content-transfer-encoding") {
+                let identity = cte.to_str().is_ok_and(|v| {
+                    ["7bit", "8bit", "binary"]
+                        .iter()
+                        .any(|ok| v.trim().eq_ignore_ascii_case(ok))
+                });
+                if !identity {
+                    return Err(ApiError::new(
+                        Code::InvalidMultipart,
+                        format!(
+                            "the file part has Content-Transfer-Encoding: {}; send its bytes as they are (no encoding)",
+                            String::from_utf8_lossy(cte.as_bytes())
+                        ),
+                    ));
+                }
+            }
             return Ok(Some(Part::File(Box::new(field))));
         }
         // Other form fields are read and dropped (bounded by max_field_size).
