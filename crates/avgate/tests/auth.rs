@@ -800,6 +800,54 @@ async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // A partner's token with every limit the CLI offers: listed as given,
+    // and in force on the running server at once.
+    let partner = cli(&[
+        "create",
+        "--name",
+        "partner",
+        "--rate",
+        "1/m",
+        "--burst",
+        "1",
+        "--allow-ip",
+        "127.0.0.1/32",
+        "--allow-ip",
+        "::1",
+        "--monthly-files",
+        "5",
+        "--monthly-bytes",
+        "1MiB",
+        "--max-concurrent",
+        "2",
+    ]);
+    let partner = partner.lines().next().unwrap().to_owned();
+    let list = cli(&["list"]);
+    assert!(
+        list.contains(
+            "rate=1/m burst=1 allow-ip=127.0.0.1/32,::1/128 files/month=5 bytes/month=1MiB concurrent=2"
+        ),
+        "{list}"
+    );
+    let (status, body) = scan(Some(partner.clone()), format!("{base}/v1/scan")).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = scan(Some(partner.clone()), format!("{base}/v1/scan")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (429, Some("rate_limited")),
+        "burst 1 at 1/m: {body}"
+    );
+    let usage = cli(&[
+        "usage",
+        "partner",
+        "--month",
+        &clock::Month::current().to_string(),
+    ]);
+    assert!(
+        usage.contains("files  1 of 5\nbytes  68 of 1MiB\n"),
+        "{usage}"
+    );
+
     // The admin token made by the CLI works at once over HTTP.
     let r = client
         .get(format!("{base}/v1/admin/tokens"))

@@ -196,6 +196,11 @@ fn of_limit(limit: Option<u64>) -> String {
 }
 
 fn usage_text(u: &UsageView) -> String {
+    // Bytes in the notation they were given in (`1MiB`), exact otherwise.
+    let bytes_limit = u
+        .monthly_bytes
+        .map(|n| format!(" of {}", ByteSize(n)))
+        .unwrap_or_else(|| " (no quota)".into());
     format!(
         "token  {} ({})\nmonth  {}\nfiles  {}{}\nbytes  {}{}\n",
         u.token_id,
@@ -203,8 +208,8 @@ fn usage_text(u: &UsageView) -> String {
         u.month,
         u.files,
         of_limit(u.monthly_files),
-        u.bytes,
-        of_limit(u.monthly_bytes),
+        ByteSize(u.bytes),
+        bytes_limit,
     )
 }
 
@@ -217,7 +222,11 @@ fn table(tokens: &[TokenView]) -> String {
         .map(|t| {
             let mut limits = Vec::new();
             if let Some(r) = t.rate {
-                limits.push(format!("rate={}/s burst={}", r.per_second, r.burst));
+                // As it was given (`1/m`), not as a fraction per second.
+                let rate = crate::perimeter::ratelimit::Rate {
+                    per_second: r.per_second,
+                };
+                limits.push(format!("rate={rate} burst={}", r.burst));
             }
             if !t.allow_ips.is_empty() {
                 limits.push(format!("allow-ip={}", t.allow_ips.join(",")));
