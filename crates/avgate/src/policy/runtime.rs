@@ -11,7 +11,9 @@
 //!   database files of [`super::clamd`] and, when they changed, reloads
 //!   clamd ([`crate::signatures::Signatures::reload`], which waits until
 //!   clamd has loaded them and passes its probe again). Until then the
-//!   check after the scan keeps a newly ignored finding FOUND.
+//!   check after the scan keeps a newly ignored finding FOUND, and a file
+//!   whose allow entry was removed, which clamd still calls clean, gets
+//!   no verdict ([`Policy::clamd_may_allow`]).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -94,7 +96,7 @@ pub struct Policy {
     /// The sha256s the managed clamd has loaded as allowed, or may load at
     /// any moment (written since, a reload or a restart away): see
     /// [`Policy::clamd_may_allow`].
-    clamd_allows: Mutex<Arc<HashSet<String>>>,
+    clamd_allows: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -146,7 +148,7 @@ impl Policy {
                 error: None,
             }),
             written: Mutex::new(None),
-            clamd_allows: Mutex::new(Arc::new(HashSet::new())),
+            clamd_allows: Mutex::new(HashSet::new()),
         });
         policy.refresh().await?;
         let snapshot = policy.snapshot();
@@ -360,12 +362,10 @@ impl Policy {
             self.update_clamd(|s| s.state = "pending");
             // From the write on, clamd may load these (a restart is enough);
             // the ones it has stay until a reload is known to be done.
-            {
-                let mut allows = self.clamd_allows.lock().unwrap_or_else(|e| e.into_inner());
-                let mut more = (**allows).clone();
-                more.extend(rendered.allowed_hashes().map(str::to_owned));
-                *allows = Arc::new(more);
-            }
+            self.clamd_allows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(rendered.allowed_hashes().map(str::to_owned));
             let managed = target.managed.clone();
             let to_write = rendered.clone();
             let write =
@@ -425,7 +425,7 @@ impl Policy {
             s.error = None;
         });
         *self.clamd_allows.lock().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(files.allowed_hashes().map(str::to_owned).collect());
+            files.allowed_hashes().map(str::to_owned).collect();
         *self.written.lock().unwrap_or_else(|e| e.into_inner()) = Some((files, version));
     }
 
