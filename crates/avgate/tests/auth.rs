@@ -374,6 +374,13 @@ async fn quotas_stop_at_exactly_their_number() {
         assert_eq!(status, want, "{size} bytes: {body}");
         if want == 429 {
             assert_eq!(body["error"]["code"], "quota_exceeded");
+            // 41 bytes with 40 left is not "used up": the message says so.
+            let message = body["error"]["message"].as_str().unwrap();
+            if size == 41 {
+                assert!(message.contains("40 of 100 bytes"), "{message}");
+            } else {
+                assert!(message.contains("used up"), "{message}");
+            }
         }
     }
     let used = store.usage(&bytes100_id, month).await.unwrap();

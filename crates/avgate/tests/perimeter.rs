@@ -129,6 +129,33 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_waits_retry_after_gets_through() {
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.rate_limit.enabled = true;
+    // One request every 3 s: the wait after a refusal is just under 3 s,
+    // which must be announced as 3, not 2.
+    cfg.rate_limit.per_ip = "20/m".parse().unwrap();
+    cfg.rate_limit.per_ip_burst = 1;
+    let gw = Gateway::start(cfg).await;
+    assert_eq!(scan_with(&gw, &[]).await.status(), 200);
+    let refused = scan_with(&gw, &[]).await;
+    assert_eq!(refused.status(), 429);
+    let wait: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        refused.headers()["ratelimit-reset"].to_str().unwrap(),
+        wait.to_string()
+    );
+    tokio::time::sleep(Duration::from_secs(wait)).await;
+    assert_eq!(scan_with(&gw, &[]).await.status(), 200, "waited {wait} s");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ipv6_client_cannot_step_around_the_rate_limit_within_its_64() {
     let clamd = Clamd::start("");
     // Behind a trusted proxy, so that the test can speak for IPv6 clients.

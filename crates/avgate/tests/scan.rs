@@ -276,6 +276,14 @@ async fn bad_requests_get_one_json_error_shape() {
     let r = gw.client.get(gw.url("/v1/scan")).send().await.unwrap();
     assert_error(&json(r).await, 405, "method_not_allowed");
 
+    // The encoded part's error names the file, as errors about a file do.
+    let encoded = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"e.com\"\r\n\
+         Content-Transfer-Encoding: base64\r\n\r\nQUJD\r\n--{b}--\r\n"
+    );
+    let (_, refused) = gw.post_raw("/v1/scan", &mp, encoded.into_bytes()).await;
+    assert_eq!(refused["filename"], "e.com", "{refused}");
+
     // "binary" (no encoding at all) is fine.
     let mut body = format!(
         "--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"e.com\"\r\n\

@@ -96,8 +96,19 @@ impl Auth {
             }
             if let Some(max) = quotas.monthly_bytes {
                 let would_be = used.bytes.saturating_add(declared.unwrap_or(0));
-                if used.bytes >= max || would_be > max {
+                if used.bytes >= max {
                     return Err(quota_exceeded(month, format!("{max} bytes")));
+                }
+                if would_be > max {
+                    return Err(ApiError::new(
+                        Code::QuotaExceeded,
+                        format!(
+                            "this request ({} bytes) does not fit in what is left of this token's monthly quota for {month}: {} of {max} bytes",
+                            declared.unwrap_or(0),
+                            max - used.bytes
+                        ),
+                    )
+                    .with_retry_after(until_next_month(month)));
                 }
             }
         }
@@ -187,9 +198,14 @@ impl Drop for FileReservation {
     }
 }
 
+/// Seconds until the month after `month` starts (UTC).
+fn until_next_month(month: Month) -> u64 {
+    (month.next().start() - clock::now()).max(1) as u64
+}
+
 fn quota_exceeded(month: Month, what: String) -> ApiError {
     let next = month.next();
-    let retry = (next.start() - clock::now()).max(1) as u64;
+    let retry = until_next_month(month);
     ApiError::new(
         Code::QuotaExceeded,
         format!(

@@ -365,7 +365,8 @@ impl Form {
                             "the file part has Content-Transfer-Encoding: {}; send its bytes as they are (no encoding)",
                             String::from_utf8_lossy(cte.as_bytes())
                         ),
-                    ));
+                    )
+                    .with_filename(field.file_name().and_then(filename::sanitize)));
                 }
             }
             return Ok(Some(Part::File(Box::new(field))));

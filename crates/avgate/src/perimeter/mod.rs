@@ -157,7 +157,8 @@ fn forbidden_ip() -> ApiError {
 }
 
 fn rate_limited(code: Code, message: &str, retry_after: Duration) -> ApiError {
-    ApiError::new(code, message).with_retry_after(retry_after.as_secs().max(1))
+    // Rounded up: a client that waits exactly this long must get through.
+    ApiError::new(code, message).with_retry_after(retry_after.as_secs_f64().ceil().max(1.0) as u64)
 }
 
 /// The middleware on protected routes.

@@ -123,16 +123,16 @@ pub fn decide_with_policy(reports: &[EngineReport], sha256: &str, snapshot: &Sna
                 let note = PolicyNote::of(entry, snapshot.ignore_after_scan, Some(name.clone()));
                 if snapshot.ignore_after_scan {
                     notes.push(note.with_note(
-                        "ignored after the scan (policy.ignore_after_scan): clamd reports only                          the first match, so another signature on this file would not be seen",
+                        "ignored after the scan (policy.ignore_after_scan): clamd reports only the first match, so another signature on this file would not be seen",
                     ));
                     return Detection::Clean;
                 }
                 notes.push(note.with_note(match snapshot.clamd {
                     policy::ClamdMode::Managed => {
-                        "not applied yet: the managed clamd has not loaded this ignore                          (reload in progress or failed); the finding stands"
+                        "not applied yet: the managed clamd has not loaded this ignore (reload in progress or failed); the finding stands"
                     }
                     policy::ClamdMode::External => {
-                        "not applied: an external clamd does not load avgate's ignore list,                          and dropping its first match could hide another; the finding stands                          (policy.ignore_after_scan accepts that risk)"
+                        "not applied: an external clamd does not load avgate's ignore list, and dropping its first match could hide another; the finding stands (policy.ignore_after_scan accepts that risk)"
                     }
                 }));
             } else if policy::bare_name(name) == policy::clamd::PROBE_SIGNATURE {
@@ -143,7 +143,7 @@ pub fn decide_with_policy(reports: &[EngineReport], sha256: &str, snapshot: &Sna
                     applied: false,
                     signature: Some(name.clone()),
                     note: Some(
-                        "this is the EICAR test file, avgate's readiness probe: it stays                          detected while its signatures are ignored"
+                        "this is the EICAR test file, avgate's readiness probe: it stays detected while its signatures are ignored"
                             .into(),
                     ),
                 });
@@ -406,6 +406,26 @@ mod tests {
                     (Rule::Ignore, Some("pol_i"), false)
                 );
                 assert!(note.note.unwrap().contains("the finding stands"));
+            }
+        }
+
+        #[test]
+        fn notes_are_plain_sentences() {
+            let ignore = entry("pol_i", Rule::Ignore, "Win.Test.Fp");
+            let probe = format!("{}.UNOFFICIAL", crate::policy::clamd::PROBE_SIGNATURE);
+            let cases = [
+                (ClamdMode::Managed, false, "Win.Test.Fp"),
+                (ClamdMode::External, false, "Win.Test.Fp"),
+                (ClamdMode::External, true, "Win.Test.Fp"),
+                (ClamdMode::Managed, false, probe.as_str()),
+            ];
+            for (mode, after_scan, name) in cases {
+                let s = snapshot(std::slice::from_ref(&ignore), mode, after_scan);
+                let v = decide_with_policy(&[found(name)], FILE, &s);
+                let note = v.policy.and_then(|p| p.note).expect("a note");
+                // Clients show these to people (a line broken in the
+                // source once put runs of spaces in them).
+                assert!(!note.contains("  ") && !note.contains('\n'), "{note:?}");
             }
         }
 
