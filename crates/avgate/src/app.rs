@@ -224,7 +224,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     )));
     // Policy changes (store polled, expiry, SIGHUP) into the managed clamd.
     tasks.push(tokio::spawn(policy.run(reloader.subscribe(), stop.clone())));
-    let managed_task = managed.map(|m| tokio::spawn(m.supervise(clamd_stop.clone())));
+    let managed_task = managed.map(|m| {
+        // Out of rotation the moment clamd exits, and /readyz says so at
+        // once; the health checker probes it back in once it runs again.
+        let backend = pool.backends().first().cloned();
+        let on_exit = move || {
+            if let Some(backend) = &backend {
+                let why = std::io::Error::other("the managed clamd exited");
+                backend.mark_down(&clamd::Error::Io(why));
+            }
+        };
+        tokio::spawn(m.supervise(clamd_stop.clone(), on_exit))
+    });
     if let Some(listener) = metrics_listener {
         // Its own small limits: a scraper needs a connection or two.
         let limits = ServerLimits {

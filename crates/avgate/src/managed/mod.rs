@@ -354,7 +354,8 @@ impl ManagedClamd {
     }
 
     /// Runs clamd until `stop` is cancelled, restarting it when it exits.
-    pub async fn supervise(self: Arc<Self>, stop: CancellationToken) {
+    /// `on_exit` runs each time it exits on its own.
+    pub async fn supervise(self: Arc<Self>, stop: CancellationToken, on_exit: impl Fn()) {
         const BACKOFF_START: Duration = Duration::from_millis(500);
         // A clamd that ran this long before dying is not crash-looping.
         const STABLE_AFTER: Duration = Duration::from_secs(60);
@@ -395,6 +396,7 @@ impl ManagedClamd {
                         Err(e) => e.to_string(),
                     };
                     tracing::error!(pid, exit = %why, "clamd exited; restarting");
+                    on_exit();
                     if started.elapsed() > STABLE_AFTER {
                         backoff = BACKOFF_START;
                     }
