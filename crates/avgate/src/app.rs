@@ -300,9 +300,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     tracing::info!(
         listen = %addr,
         tls = tls.is_some(),
-        http_listen = ?http_addr,
+        http_listen = %http_addr.map_or("off".into(), |a| a.to_string()),
         metrics_listen = %metrics_addr.map_or("off".into(), |a| a.to_string()),
-        backends = ?pool.backends().iter().map(|b| b.address.to_string()).collect::<Vec<_>>(),
+        backends = %pool.backends().iter().map(|b| b.address.to_string()).collect::<Vec<_>>().join(","),
         database = database.as_str(),
         max_size = %config.max_size,
         worker_threads = config.runtime_workers(),

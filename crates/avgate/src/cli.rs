@@ -86,7 +86,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR", help_heading = "TLS")]
     pub http_listen: Option<SocketAddr>,
     /// Prometheus metrics listener (GET /metrics) [default: 127.0.0.1:9464];
-    /// never the public one. `metrics.enabled = false` turns it off.
+    /// never the public one. `metrics.enabled = false` turns it off
+    /// [env: AVGATE_METRICS__LISTEN]
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -164,7 +165,10 @@ pub fn init_logging(
         }));
         builder.init();
     } else {
-        let builder = builder.with_filter_reloading();
+        // Colours only for a terminal: in a file they are escape codes.
+        let builder = builder
+            .with_ansi(std::io::stdout().is_terminal())
+            .with_filter_reloading();
         let handle = builder.reload_handle();
         let _ = LOG_FILTER.set(Box::new(move |f| {
             handle.reload(f).map_err(|e| e.to_string())

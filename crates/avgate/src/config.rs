@@ -561,6 +561,12 @@ impl Config {
                 source,
             })?;
             warn_if_world_writable(path);
+            // The file alone first: its mistakes are then reported with its
+            // name and the line (the merged table has neither).
+            toml::from_str::<Config>(&text).map_err(|e| ConfigError::Invalid {
+                origin: path.display().to_string(),
+                message: e.to_string(),
+            })?;
             table = text
                 .parse::<toml::Table>()
                 .map_err(|e| ConfigError::Invalid {
@@ -568,6 +574,8 @@ impl Config {
                     message: e.to_string(),
                 })?;
         }
+        // The variables alone too, for the same reason.
+        let mut from_env = toml::Table::new();
         for (key, value) in env {
             let Some(name) = key.strip_prefix("AVGATE_") else {
                 continue;
@@ -581,10 +589,18 @@ impl Config {
                 continue;
             }
             let path: Vec<String> = name.split("__").map(|p| p.to_ascii_lowercase()).collect();
-            set_path(&mut table, &path, env_value(&value)).map_err(|message| {
+            let invalid = |message| ConfigError::Invalid {
+                origin: format!("environment variable {key}"),
+                message,
+            };
+            set_path(&mut from_env, &path, env_value(&value)).map_err(invalid)?;
+            set_path(&mut table, &path, env_value(&value)).map_err(invalid)?;
+        }
+        if !from_env.is_empty() {
+            Config::deserialize(toml::Value::Table(from_env)).map_err(|e| {
                 ConfigError::Invalid {
-                    origin: format!("environment variable {key}"),
-                    message,
+                    origin: "environment (AVGATE_* variables)".into(),
+                    message: e.to_string(),
                 }
             })?;
         }
@@ -1344,10 +1360,16 @@ enabled = false
 
     #[test]
     fn unknown_keys_are_rejected_in_every_layer() {
-        let err = load_text("max_sise = \"1M\"\n").unwrap_err();
-        assert!(err.to_string().contains("max_sise"), "{err}");
+        // The file's errors name the file and the line.
+        let err = load_text("listen = \"127.0.0.1:8080\"\n\n[clamd]\ntimeoutt = \"1s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("avgate.toml"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("timeoutt"), "{err}");
         let err = load_env(&[("AVGATE_CLAMD__TIMEOUTT", "1s")]).unwrap_err();
         assert!(err.to_string().contains("timeoutt"), "{err}");
+        assert!(err.to_string().contains("environment"), "{err}");
     }
 
     #[test]

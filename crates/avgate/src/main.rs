@@ -17,8 +17,8 @@ fn main() -> ExitCode {
                 // `avgate check-config > effective.toml` is a valid file.
                 eprintln!("avgate: configuration is valid");
                 println!(
-                    "# avgate's effective configuration: the defaults, then the file, the\n\
-                     # environment (AVGATE_*) and the flags, in that order of precedence.\n"
+                    "# avgate's effective configuration: the defaults, overridden by the file,\n\
+                     # then by the environment (AVGATE_*), then by the flags.\n"
                 );
                 let toml = config.to_toml();
                 print!("{toml}");

@@ -228,7 +228,7 @@ impl Signatures {
             .collect();
         tracing::info!(
             reason,
-            backends = ?targets.iter().map(|b| b.address.to_string()).collect::<Vec<_>>(),
+            backends = %targets.iter().map(|b| b.address.to_string()).collect::<Vec<_>>().join(","),
             "reloading signatures, one backend at a time"
         );
         let mut backends = Vec::new();

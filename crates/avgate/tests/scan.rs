@@ -42,6 +42,25 @@ async fn eicar_is_found_and_a_clean_file_is_ok() {
     assert_eq!(body["signature"], serde_json::Value::Null);
     assert_eq!(body["score"], 0);
     assert!(body["duration_ms"].is_u64());
+
+    // As curl shows it: JSON, ending with a newline (the prompt after it
+    // starts on its own line), for answers and errors alike.
+    for (path, ct, data) in [
+        ("/v1/scan/raw", "application/octet-stream", &b"hello"[..]),
+        ("/v1/scan/raw", "text/plain", &b"hello"[..]),
+    ] {
+        let r = gw
+            .client
+            .post(gw.url(path))
+            .header("content-type", ct)
+            .body(data.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let text = r.text().await.unwrap();
+        assert!(text.starts_with('{') && text.ends_with("}\n"), "{text:?}");
+    }
     gw.stop().await;
 }
 

@@ -10,6 +10,7 @@
 //! | `GET /v1/admin/tokens/{id}/usage?month=YYYY-MM` | files and bytes in a month |
 //! | `GET /v1/admin/audit?limit=N` | the newest audit records |
 
+use super::JsonLine;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::StatusCode;
@@ -86,7 +87,7 @@ pub async fn list_tokens(
     let tokens = manage::list(state.auth.store.as_ref())
         .await
         .map_err(manage_error)?;
-    Ok(Json(TokenList { tokens }).into_response())
+    Ok(JsonLine(TokenList { tokens }).into_response())
 }
 
 /// `POST /v1/admin/tokens`: answers 201 with the token, the only time it is
@@ -106,7 +107,7 @@ pub async fn create_token(
         .map_err(manage_error)?;
     let mut body = serde_json::to_value(&created.view).unwrap_or_default();
     body["token"] = created.token.expose().into();
-    Ok((StatusCode::CREATED, Json(body)).into_response())
+    Ok((StatusCode::CREATED, JsonLine(body)).into_response())
 }
 
 /// `DELETE /v1/admin/tokens/{id}`
@@ -122,7 +123,7 @@ pub async fn revoke_token(
     // be accepted from the cache, not even once.
     state.auth.forget_tokens();
     let view = revoked.map_err(manage_error)?;
-    Ok(Json(view).into_response())
+    Ok(JsonLine(view).into_response())
 }
 
 #[derive(Deserialize)]
@@ -152,7 +153,7 @@ pub async fn token_usage(
     let usage = manage::usage(state.auth.store.as_ref(), &id, month)
         .await
         .map_err(manage_error)?;
-    Ok(Json(usage).into_response())
+    Ok(JsonLine(usage).into_response())
 }
 
 #[derive(Deserialize)]
@@ -198,5 +199,5 @@ pub async fn audit(
         .await
         .map_err(store_failed)?;
     let events: Vec<AuditView> = records.into_iter().map(AuditView::from).collect();
-    Ok(Json(serde_json::json!({ "events": events })).into_response())
+    Ok(JsonLine(serde_json::json!({ "events": events })).into_response())
 }

@@ -10,9 +10,9 @@
 //! never mistakes an error for a clean file. `code` is stable and
 //! documented in docs/api.md; `message` is for humans and may change.
 
+use super::JsonLine;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -234,7 +234,11 @@ impl ApiError {
     pub fn too_large(limit: u64) -> ApiError {
         ApiError::new(
             Code::FileTooLarge,
-            format!("the file is larger than the limit of {limit} bytes"),
+            // In the notation of max_size (150MiB), and exact.
+            format!(
+                "the file is larger than the limit of {} ({limit} bytes)",
+                crate::config::ByteSize(limit)
+            ),
         )
     }
 
@@ -334,7 +338,7 @@ impl IntoResponse for ApiError {
             map.insert(key.to_owned(), extra);
         }
         let status = self.code.status();
-        let mut response = (status, Json(value)).into_response();
+        let mut response = (status, JsonLine(value)).into_response();
         response.extensions_mut().insert(ErrorCode(self.code));
         let retry_after = match self.retry_after {
             Some(s) => Some(s),

@@ -2,10 +2,10 @@
 
 use std::time::UNIX_EPOCH;
 
+use super::JsonLine;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Serialize;
 
 use super::AppState;
@@ -13,7 +13,7 @@ use crate::managed::ManagedStatus;
 
 /// The process is alive and serving HTTP; says nothing about clamd.
 pub async fn healthz() -> Response {
-    Json(serde_json::json!({ "status": "alive" })).into_response()
+    JsonLine(serde_json::json!({ "status": "alive" })).into_response()
 }
 
 #[derive(Serialize)]
@@ -124,7 +124,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, Json(body)).into_response()
+    (code, JsonLine(body)).into_response()
 }
 
 pub async fn version(State(state): State<AppState>) -> Response {
@@ -134,7 +134,7 @@ pub async fn version(State(state): State<AppState>) -> Response {
         .managed
         .as_ref()
         .map_or(state.database, |m| m.database());
-    Json(serde_json::json!({
+    JsonLine(serde_json::json!({
         "avgate": env!("CARGO_PKG_VERSION"),
         "database": database.as_str(),
         "versions_differ": state.pool.database_versions_differ(),

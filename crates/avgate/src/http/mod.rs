@@ -29,6 +29,34 @@ use crate::perimeter::{self, ClientIp, Perimeter};
 use crate::scan::Engine;
 use error::ApiError;
 
+/// A JSON response body that ends with a newline, so that a terminal
+/// prompt after `curl` starts on its own line (JSON parsers ignore it).
+pub struct JsonLine<T>(pub T);
+
+impl<T: serde::Serialize> axum::response::IntoResponse for JsonLine<T> {
+    fn into_response(self) -> Response {
+        let mut body = Vec::with_capacity(256);
+        match serde_json::to_writer(&mut body, &self.0) {
+            Ok(()) => {
+                body.push(b'\n');
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    )],
+                    body,
+                )
+                    .into_response()
+            }
+            Err(e) => (
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot serialize the answer: {e}"),
+            )
+                .into_response(),
+        }
+    }
+}
+
 /// The limits the handlers enforce.
 #[derive(Debug, Clone)]
 pub struct Limits {

@@ -9,11 +9,11 @@
 //! | `POST /v1/admin/policy` | add: `{"kind":"ignore","value":"Win.Test.Fp-1","reason":"...","expires":"30d"}`; 201 |
 //! | `DELETE /v1/admin/policy/{id}` | remove |
 
+use super::JsonLine;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Deserialize;
 
 use super::admin::ApiJson;
@@ -70,7 +70,7 @@ pub async fn list(
         .await
         .map_err(policy_error)?;
     let snapshot = state.policy.snapshot();
-    Ok(Json(serde_json::json!({
+    Ok(JsonLine(serde_json::json!({
         "version": snapshot.version,
         "ignore_after_scan": snapshot.ignore_after_scan,
         "clamd": state.policy.clamd_status(),
@@ -99,7 +99,7 @@ pub async fn add(
     .await
     .map_err(policy_error)?;
     apply_now(&state).await;
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    Ok((StatusCode::CREATED, JsonLine(view)).into_response())
 }
 
 /// `DELETE /v1/admin/policy/{id}`
@@ -113,5 +113,5 @@ pub async fn remove(
         .await
         .map_err(policy_error)?;
     apply_now(&state).await;
-    Ok(Json(view).into_response())
+    Ok(JsonLine(view).into_response())
 }

@@ -1,11 +1,11 @@
 //! `POST /v1/scan`, `/v1/scan/batch`, `/v1/scan/raw`: thin translations
 //! from HTTP bodies to [`crate::scan::pipeline::scan`].
 
+use super::JsonLine;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use futures_util::{StreamExt, TryStreamExt};
 use multer::{Constraints, Multipart, SizeLimit};
 use serde::Serialize;
@@ -54,7 +54,7 @@ pub async fn scan_one(
         }
     }
     let result = result.ok_or_else(missing_file)?;
-    Ok(Json(result).into_response())
+    Ok(JsonLine(result).into_response())
 }
 
 /// The answer to a batch: the worst status of all files, and each result.
@@ -108,7 +108,7 @@ pub async fn scan_batch(
     } else {
         Status::OK
     };
-    Ok(Json(BatchResult { status, results }).into_response())
+    Ok(JsonLine(BatchResult { status, results }).into_response())
 }
 
 /// `POST /v1/scan/raw`: the body is the file; the name comes from the
@@ -152,7 +152,7 @@ pub async fn scan_raw(
     );
     let size = SizeHint::declared(length);
     let scanned = scan_file(&state, &meter, &observe, name, body, size).await?;
-    Ok(Json(scanned).into_response())
+    Ok(JsonLine(scanned).into_response())
 }
 
 /// One file, the step every route shares: a place in the token's quota,
@@ -303,7 +303,10 @@ impl Form {
             } else {
                 ApiError::new(
                     Code::RequestTooLarge,
-                    format!("the request is larger than the limit of {max_body} bytes"),
+                    format!(
+                        "the request is larger than the limit of {} ({max_body} bytes)",
+                        crate::config::ByteSize(max_body)
+                    ),
                 )
             });
         }

@@ -6,10 +6,10 @@
 //! each: 200 when all were reloaded and are ready again, 503 otherwise
 //! (the backends that failed keep their previous database).
 
+use super::JsonLine;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 
 use super::AppState;
 use crate::auth::AdminPrincipal;
@@ -22,5 +22,5 @@ pub async fn reload(admin: AdminPrincipal, State(state): State<AppState>) -> Res
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(report)).into_response()
+    (status, JsonLine(report)).into_response()
 }

@@ -584,7 +584,7 @@ fn announce_database(report: &SyncReport, layout: &DatabaseLayout, mode: &Update
             tracing::warn!(
                 database = %layout.dir.display(),
                 kind = report.kind.as_str(),
-                linked = ?report.linked,
+                linked = %report.linked.join(","),
                 "NO MALWARE SIGNATURES: no official ClamAV database yet, so clamd runs with avgate's \
                  test signatures (EICAR and clamav-testfiles) and any custom ones. It will not detect \
                  real malware. {next}."
@@ -593,8 +593,8 @@ fn announce_database(report: &SyncReport, layout: &DatabaseLayout, mode: &Update
         kind => tracing::info!(
             database = %layout.dir.display(),
             kind = kind.as_str(),
-            source = ?report.official_source,
-            linked = ?report.linked,
+            source = %report.official_source.as_ref().map_or("none".into(), |s| s.display().to_string()),
+            linked = %report.linked.join(","),
             "signature database"
         ),
     }
