@@ -492,15 +492,31 @@ async fn forward_lines(
             None if line.contains("ERROR") => last_error = line.to_owned(),
             None => {}
         }
-        if line.contains("ERROR") || line.contains("WARNING") {
-            tracing::warn!(target: "clamd", "{line}");
-        } else if line.ends_with("FOUND") {
-            // Per-scan detections (the readiness probe's too): avgate logs
-            // every result itself, with more context.
-            tracing::debug!(target: "clamd", "{line}");
-        } else {
-            tracing::info!(target: "clamd", "{line}");
+        match clamd_line_level(line) {
+            tracing::Level::WARN => tracing::warn!(target: "clamd", "{line}"),
+            tracing::Level::DEBUG => tracing::debug!(target: "clamd", "{line}"),
+            _ => tracing::info!(target: "clamd", "{line}"),
         }
+    }
+}
+
+/// How loud a line of clamd's own log is in ours.
+fn clamd_line_level(line: &str) -> tracing::Level {
+    if line.contains("ERROR") || line.contains("WARNING") {
+        tracing::Level::WARN
+    } else if line.ends_with("FOUND") {
+        // Per-scan detections (the readiness probe's too): avgate logs
+        // every result itself, with more context.
+        tracing::Level::DEBUG
+    } else if line.starts_with("Limits:")
+        || line.ends_with(" enabled.")
+        || line.ends_with(" disabled.")
+    {
+        // clamd echoing its configuration, some 33 lines at every start
+        // and reload: all of it is in the clamd.conf avgate wrote.
+        tracing::Level::DEBUG
+    } else {
+        tracing::Level::INFO
     }
 }
 
@@ -766,6 +782,34 @@ fn clamd_conf(
 mod tests {
     use super::*;
     use crate::config::Overrides;
+
+    #[test]
+    fn clamds_own_lines_keep_problems_loud_and_its_config_echo_quiet() {
+        use tracing::Level;
+        for (line, level) in [
+            (
+                "Limits: Global size limit set to 629145600 bytes.",
+                Level::DEBUG,
+            ),
+            ("PDF support enabled.", Level::DEBUG),
+            ("Self checking disabled.", Level::DEBUG),
+            (
+                "fd[10]: Eicar-Test-Signature(44d88612fea8a8f36de82e1278abb02f:68) FOUND",
+                Level::DEBUG,
+            ),
+            ("Database correctly reloaded (4 signatures)", Level::INFO),
+            ("--- Stopped at Thu Nov 26 12:01:53 2026", Level::INFO),
+            (
+                "WARNING: Database reload failed, keeping the previous instance",
+                Level::WARN,
+            ),
+            ("ERROR: Can't open/parse the config file", Level::WARN),
+            // A warning about a feature is still a warning.
+            ("WARNING: Bytecode support disabled.", Level::WARN),
+        ] {
+            assert_eq!(clamd_line_level(line), level, "{line}");
+        }
+    }
 
     #[test]
     fn generated_conf_sets_fail_closed_options_and_limits() {
