@@ -192,7 +192,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
 
     if config.auth.required {
-        crate::auth::manage::bootstrap(auth.store.as_ref(), addr, config.tls.enabled()).await?;
+        let more = crate::auth::manage::token_command(
+            &std::env::args().next().unwrap_or_else(|| "avgate".into()),
+            &config.data_dir,
+            &crate::config::default_data_dir(),
+        );
+        crate::auth::manage::bootstrap(auth.store.as_ref(), addr, config.tls.enabled(), &more)
+            .await?;
     } else {
         tracing::warn!(
             listen = %addr,

@@ -488,7 +488,7 @@ impl Default for ManagedConfig {
     }
 }
 
-fn default_data_dir() -> PathBuf {
+pub(crate) fn default_data_dir() -> PathBuf {
     match std::env::var_os("HOME") {
         Some(home) if !home.is_empty() => Path::new(&home).join(".local/share/avgate"),
         _ => PathBuf::from("/var/lib/avgate"),

@@ -725,6 +725,38 @@ async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
         )),
         "{stderr}"
     );
+    // The box's command for more tokens works as pasted: it names this
+    // server's store (not the default one), so its token works here.
+    let more = stderr
+        .lines()
+        .map(|l| l.trim_matches(|c: char| c == '|' || c.is_whitespace()))
+        .find(|l| l.contains(" token create --name NAME"))
+        .unwrap_or_else(|| panic!("no command for more tokens: {stderr}"))
+        .replace("NAME", "pasted");
+    assert!(
+        more.contains(&format!("--data-dir {}", data.display())),
+        "{more}"
+    );
+    let out = Command::new("sh").arg("-c").arg(&more).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{more}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pasted = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    let r = client
+        .get(format!("{base}/v1/admin/tokens"))
+        .bearer_auth(&pasted)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "a scan token, known to this server");
+
     let mode = |p: &Path| {
         use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
@@ -790,7 +822,8 @@ async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
     );
     assert!(!list.contains(&second[4..]) && !list.contains(&first[4..]));
     let listed: Value = serde_json::from_str(&cli(&["list", "--json"])).unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 2);
+    // default, pasted (from the box's command) and ops.
+    assert_eq!(listed.as_array().unwrap().len(), 3, "{listed}");
     // A token without quotas is counted in memory and written every
     // second: another process sees its use within about that.
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -3,6 +3,7 @@
 //! [`TokenOptions`] and print what these functions return.
 
 use std::net::SocketAddr;
+use std::path::Path;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -343,10 +344,12 @@ pub async fn usage(
 /// On a first start (no token was ever created) with authentication
 /// required: creates a scan token named `default` and prints it once, in a
 /// box on stderr (never through the logs), with a curl command that works.
+/// `more_tokens` is the command that makes another one ([`token_command`]).
 pub async fn bootstrap(
     store: &dyn Store,
     listen: SocketAddr,
     tls: bool,
+    more_tokens: &str,
 ) -> Result<(), ManageError> {
     if store.token_count().await? > 0 {
         return Ok(());
@@ -367,11 +370,35 @@ pub async fn bootstrap(
         Err(ManageError::NameTaken(_)) => return Ok(()),
         Err(e) => return Err(e),
     };
-    eprint!("{}", first_token_box(&created, listen, tls));
+    eprint!("{}", first_token_box(&created, listen, tls, more_tokens));
     Ok(())
 }
 
-fn first_token_box(created: &Created, listen: SocketAddr, tls: bool) -> String {
+/// The command that makes another token in this server's store, ready to
+/// paste: the program as it was started (`target/release/avgate`, or
+/// `avgate` from PATH) and the data directory unless it is the default,
+/// without which the token would go to another store and not work here.
+pub fn token_command(program: &str, data_dir: &Path, default_dir: &Path) -> String {
+    let quote = |s: &str| {
+        if s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+=:@".contains(c))
+        {
+            s.to_owned()
+        } else {
+            format!("'{}'", s.replace('\'', r"'\''"))
+        }
+    };
+    let mut command = format!("{} token create --name NAME", quote(program));
+    if data_dir != default_dir {
+        command.push_str(&format!(
+            " --data-dir {}",
+            quote(&data_dir.to_string_lossy())
+        ));
+    }
+    command
+}
+
+fn first_token_box(created: &Created, listen: SocketAddr, tls: bool, more_tokens: &str) -> String {
     let host = match listen.ip() {
         ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_owned(),
         ip if ip.is_unspecified() => "[::1]".to_owned(),
@@ -398,7 +425,9 @@ fn first_token_box(created: &Created, listen: SocketAddr, tls: bool) -> String {
             "    curl -X POST {url} -H \"Authorization: Bearer $TOKEN\" -F \"file=@eicar.com\""
         ),
         String::new(),
-        "More tokens: avgate token create --name NAME   (avgate token --help)".to_owned(),
+        "More tokens:".to_owned(),
+        String::new(),
+        format!("    {more_tokens}"),
     ];
     let width = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0);
     let rule = format!("+{}+\n", "-".repeat(width + 2));
@@ -532,7 +561,12 @@ mod tests {
             },
             token,
         };
-        let text = first_token_box(&created, "0.0.0.0:8080".parse().unwrap(), false);
+        let text = first_token_box(
+            &created,
+            "0.0.0.0:8080".parse().unwrap(),
+            false,
+            "avgate token create --name NAME",
+        );
         assert!(text.contains(created.token.expose()));
         assert!(text.contains(
             "curl -X POST http://127.0.0.1:8080/v1/scan -H \"Authorization: Bearer $TOKEN\""
@@ -543,5 +577,22 @@ mod tests {
             .map(|l| l.chars().count())
             .collect();
         assert_eq!(widths.len(), 1, "a straight box:\n{text}");
+    }
+
+    #[test]
+    fn the_command_for_more_tokens_names_this_servers_store() {
+        let default = Path::new("/root/.local/share/avgate");
+        assert_eq!(
+            token_command("target/release/avgate", default, default),
+            "target/release/avgate token create --name NAME"
+        );
+        assert_eq!(
+            token_command("avgate", Path::new("/srv/avgate"), default),
+            "avgate token create --name NAME --data-dir /srv/avgate"
+        );
+        assert_eq!(
+            token_command("/opt/my tools/avgate", Path::new("/srv/it's"), default),
+            "'/opt/my tools/avgate' token create --name NAME --data-dir '/srv/it'\\''s'"
+        );
     }
 }
