@@ -176,7 +176,8 @@ pub struct ClamdConfig {
     /// External clamd daemons (`tcp://HOST:PORT`, `unix:/PATH`). Empty: avgate
     /// starts and supervises its own clamd.
     pub backends: Vec<String>,
-    /// Scans at once per backend: keep at or below that clamd's MaxThreads.
+    /// Scans at once per backend: keep below that clamd's MaxThreads (one
+    /// thread for the health probe).
     pub max_concurrent_per_backend: usize,
     pub connect_timeout: Humantime,
     /// Longest pause while streaming to clamd.
@@ -208,7 +209,8 @@ pub struct ManagedConfig {
     /// avgate links them into its own database directory, or uses its
     /// built-in test signatures while there is no official database.
     pub database_dir: Option<PathBuf>,
-    /// clamd's MaxThreads (and our concurrency limit for it).
+    /// Our concurrency limit for the managed clamd, whose MaxThreads is one
+    /// more (a thread for the health probe).
     pub max_threads: usize,
     /// clamd's DisableCache: caching clean results by hash is a big win in
     /// production and a distortion in benchmarks.

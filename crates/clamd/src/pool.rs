@@ -279,7 +279,15 @@ impl Backend {
     }
 
     /// Probes readiness with a real scan of EICAR, then asks for VERSION.
+    ///
+    /// A probe that times out while every slot of ours is taken is no
+    /// verdict on clamd: its threads are busy with our scans, so it queues
+    /// the probe behind them (clamd never says "busy"), and scans of large
+    /// files take longer than a probe may wait. Marking it down then would
+    /// turn a busy backend into 503s for everyone. It stays as it was; a
+    /// clamd that really hangs is caught by those scans' own timeouts.
     pub async fn probe(&self, timeouts: Timeouts) -> Result<Version, Error> {
+        let busy_at_start = self.in_flight() >= self.max_concurrent;
         let result = async {
             let conn = Connection::connect(&self.address, timeouts).await?;
             let reply = conn.scan_bytes(EICAR).await?;
@@ -323,7 +331,16 @@ impl Backend {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .last_probe = Some(now);
-                self.set_health(Health::Down(e.to_string()));
+                let busy = busy_at_start || self.in_flight() >= self.max_concurrent;
+                if e.is_timeout() && busy {
+                    tracing::debug!(
+                        backend = %self.address,
+                        in_flight = self.in_flight(),
+                        "health probe timed out with every slot busy: the backend stays as it was"
+                    );
+                } else {
+                    self.set_health(Health::Down(e.to_string()));
+                }
                 Err(e)
             }
         }
@@ -760,6 +777,47 @@ mod tests {
             })
             .collect();
         Pool::new(configs, Timeouts::default())
+    }
+
+    /// A clamd whose threads are all busy: it accepts connections and
+    /// reads commands, and answers nothing.
+    async fn silent_clamd() -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_probe_that_times_out_with_every_slot_busy_leaves_the_backend_up() {
+        let (addr, _clamd) = silent_clamd().await;
+        let pool = Pool::new(
+            vec![BackendConfig {
+                address: Address::Tcp(addr),
+                max_concurrent: 1,
+            }],
+            Timeouts::default(),
+        );
+        let backend = pool.backends()[0].clone();
+        backend.set_health(Health::Up);
+        let quick = Timeouts {
+            connect: Duration::from_secs(1),
+            io: Duration::from_millis(200),
+            reply: Duration::from_millis(200),
+        };
+        // Our only slot is taken by a long scan: clamd queues the probe.
+        let lease = pool.acquire(Duration::ZERO, &[]).await.unwrap();
+        assert!(backend.probe(quick).await.unwrap_err().is_timeout());
+        assert!(backend.is_healthy(), "busy is not down");
+        // With a slot free, the same silence is a clamd that does not answer.
+        drop(lease);
+        assert!(backend.probe(quick).await.unwrap_err().is_timeout());
+        assert!(!backend.is_healthy());
     }
 
     #[tokio::test]

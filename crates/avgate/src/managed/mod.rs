@@ -719,7 +719,10 @@ fn clamd_conf(
     } else {
         scan_timeout * 4 / 5
     };
-    let threads = config.managed.max_threads;
+    // One thread more than avgate's slots for it: a health probe then
+    // finds a free thread even when every slot is busy with long scans,
+    // instead of queueing behind them and timing out.
+    let threads = config.managed.max_threads + 1;
     format!(
         "# Written by avgate at each start: change avgate's configuration, not this file.\n\
          Foreground yes\n\
@@ -834,7 +837,7 @@ mod tests {
             "MaxEmbeddedPE 629145600",
             "TemporaryDirectory /d/tmp",
             "StreamMaxLength 157286401",
-            "MaxThreads 8",
+            "MaxThreads 9",
             "MaxScanTime 120000",
             "Foreground yes",
             "ConcurrentDatabaseReload yes",
