@@ -248,6 +248,11 @@ impl Backend {
         if health != Health::Up {
             // Whatever was open to a failing clamd is not worth reusing.
             self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        } else if !was_up && matches!(self.address, Address::Unix(_)) {
+            // Back after being down: possibly another clamd (a restart, a
+            // new configuration), so descriptors are worth trying again. A
+            // refusal turns them off once more, with one warning.
+            self.fd_passing.store(true, Ordering::Relaxed);
         }
         state.health = health;
     }
@@ -818,6 +823,37 @@ mod tests {
         drop(lease);
         assert!(backend.probe(quick).await.unwrap_err().is_timeout());
         assert!(!backend.is_healthy());
+    }
+
+    #[test]
+    fn descriptors_are_tried_again_once_a_unix_backend_is_back_up() {
+        let pool = Pool::new(
+            vec![
+                BackendConfig {
+                    address: Address::Unix("/run/clamd.sock".into()),
+                    max_concurrent: 1,
+                },
+                BackendConfig {
+                    address: Address::Tcp("127.0.0.1:1".into()),
+                    max_concurrent: 1,
+                },
+            ],
+            Timeouts::default(),
+        );
+        let (unix, tcp) = (&pool.backends()[0], &pool.backends()[1]);
+        unix.set_health(Health::Up);
+        assert!(unix.fd_passing() && !tcp.fd_passing());
+        // Refused (or no in-memory file could be made): off while it is up.
+        assert!(unix.stop_fd_passing());
+        unix.set_health(Health::Up);
+        assert!(!unix.fd_passing());
+        // Down and back (a restarted clamd): on again.
+        unix.set_health(Health::Down("restarted".into()));
+        unix.set_health(Health::Up);
+        assert!(unix.fd_passing());
+        tcp.set_health(Health::Down("x".into()));
+        tcp.set_health(Health::Up);
+        assert!(!tcp.fd_passing(), "never over TCP");
     }
 
     #[tokio::test]
