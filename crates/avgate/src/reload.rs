@@ -66,51 +66,27 @@ impl Reloader {
 }
 
 /// The top-level settings that differ between `old` and `new` and are not
-/// applied at runtime.
-fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut changed = Vec::new();
-    macro_rules! compare {
-        ($($field:ident),* $(,)?) => {
-            $(
-                if format!("{:?}", old.$field) != format!("{:?}", new.$field) {
-                    changed.push(stringify!($field));
-                }
-            )*
-        };
-    }
-    compare!(
-        listen,
-        http_listen,
-        data_dir,
-        max_size,
-        max_files_per_request,
-        max_parts,
-        max_field_size,
-        max_concurrent_scans,
-        max_connections,
-        worker_threads,
-        replay_buffer,
-        header_timeout,
-        shutdown_timeout,
-        request_timeout,
-        min_upload_rate,
-        min_upload_window,
-        network,
-        rate_limit,
-        log_format,
-        log_flush_interval,
-        clamd,
-        managed,
-        auth,
-        tls,
-        metrics,
-    );
-    let mut updates = old.updates.clone();
-    updates.reload_external = new.updates.reload_external;
-    if format!("{updates:?}") != format!("{:?}", new.updates) {
-        changed.push("updates");
-    }
-    changed
+/// applied at runtime. Everything is compared except what SIGHUP applies,
+/// so that a setting added later cannot be left out by mistake.
+fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
+    let mut applied = new.clone();
+    applied.log_level = old.log_level.clone();
+    applied.max_database_age = old.max_database_age;
+    applied.updates.reload_external = old.updates.reload_external;
+    // The policy task applies its settings itself (`subscribe`).
+    applied.policy = old.policy.clone();
+    let table = |c: &Config| match toml::Value::try_from(c) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
+    };
+    let (before, after) = (table(old), table(&applied));
+    let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| before.get(*k) != after.get(*k))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]
@@ -129,5 +105,10 @@ mod tests {
         new.listen = "127.0.0.1:1".parse().unwrap();
         new.updates.interval = Humantime(std::time::Duration::from_secs(7200));
         assert_eq!(needs_restart(&old, &new), ["listen", "updates"]);
+        // Any other setting, including one a SIGHUP once forgot.
+        let mut new = old.clone();
+        new.idle_timeout = Humantime(std::time::Duration::from_secs(5));
+        new.policy.ignore_after_scan = true;
+        assert_eq!(needs_restart(&old, &new), ["idle_timeout"]);
     }
 }

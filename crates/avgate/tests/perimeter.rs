@@ -440,3 +440,168 @@ async fn idle_connections_are_closed_but_slow_requests_are_not() {
     assert!(answer.contains("\"status\":\"OK\""), "{answer}");
     assert!(answer.contains("\"size\":163840"), "{answer}");
 }
+
+/// A bare HTTP/2 client that writes frames itself: it can stay silent
+/// where a real client (the h2 crate) would answer PINGs and GOAWAYs.
+struct RawH2 {
+    s: TcpStream,
+    buf: Vec<u8>,
+    /// Frames seen: type, flags, stream.
+    seen: Vec<(u8, u8, u32)>,
+    /// Answer the server's PINGs and SETTINGS (a live client) or not.
+    ack: bool,
+}
+
+impl RawH2 {
+    const HEADERS: u8 = 1;
+    const GOAWAY: u8 = 7;
+
+    async fn connect(addr: std::net::SocketAddr) -> RawH2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        s.write_all(&Self::frame(4, 0, 0, &[])).await.unwrap();
+        RawH2 {
+            s,
+            buf: Vec::new(),
+            seen: Vec::new(),
+            ack: true,
+        }
+    }
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let n = payload.len();
+        let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// HEADERS for `method` (0x82 GET, 0x83 POST, HPACK static entries)
+    /// on `path`, with more header fields already encoded.
+    async fn request(&mut self, stream: u32, method: u8, path: &str, more: &[u8], end: bool) {
+        let mut block = vec![method, 0x86, 0x41, 0x01, b'x', 0x04, path.len() as u8];
+        block.extend_from_slice(path.as_bytes());
+        block.extend_from_slice(more);
+        let flags = 0x4 | if end { 0x1 } else { 0 };
+        let f = Self::frame(Self::HEADERS, flags, stream, &block);
+        self.s.write_all(&f).await.unwrap();
+    }
+
+    /// Reads frames for `d`; false once the server has closed.
+    async fn read_for(&mut self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        let mut tmp = [0u8; 16384];
+        loop {
+            while self.buf.len() >= 9 {
+                let len = usize::from(self.buf[0]) << 16
+                    | usize::from(self.buf[1]) << 8
+                    | usize::from(self.buf[2]);
+                if self.buf.len() < 9 + len {
+                    break;
+                }
+                let (kind, flags) = (self.buf[3], self.buf[4]);
+                let stream = u32::from_be_bytes(self.buf[5..9].try_into().unwrap()) & 0x7fff_ffff;
+                let payload = self.buf[9..9 + len].to_vec();
+                self.buf.drain(..9 + len);
+                self.seen.push((kind, flags, stream));
+                let unacked = flags & 1 == 0;
+                if self.ack && unacked && (kind == 4 || kind == 6) {
+                    let ack = Self::frame(kind, 1, 0, if kind == 6 { &payload } else { &[] });
+                    let _ = self.s.write_all(&ack).await;
+                }
+            }
+            let now = Instant::now();
+            if now >= until {
+                return true;
+            }
+            match tokio::time::timeout(until - now, self.s.read(&mut tmp)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return false,
+                Ok(Ok(n)) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(_) => return true,
+            }
+        }
+    }
+
+    fn saw(&self, kind: u8, stream: u32) -> bool {
+        self.seen
+            .iter()
+            .any(|&(k, _, s)| k == kind && (s == stream || kind == Self::GOAWAY))
+    }
+}
+
+/// At shutdown, an HTTP/2 client that went silent after its request (it
+/// will never acknowledge the GOAWAY's PING) does not hold the process for
+/// the whole shutdown_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_http2_client_does_not_hold_up_shutdown() {
+    let mut cfg = config(&["tcp://127.0.0.1:1".to_owned()]);
+    cfg.header_timeout = Humantime(Duration::from_secs(20));
+    cfg.idle_timeout = Humantime(Duration::from_secs(60));
+    cfg.shutdown_timeout = Humantime(Duration::from_secs(10));
+    let gw = Gateway::start_unready(cfg).await;
+    let mut h2 = RawH2::connect(gw.addr).await;
+    h2.request(1, 0x82, "/healthz", &[], true).await;
+    assert!(h2.read_for(Duration::from_millis(500)).await);
+    assert!(h2.saw(RawH2::HEADERS, 1), "answered: {:?}", h2.seen);
+    h2.ack = false;
+    let started = Instant::now();
+    gw.stop().await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(4), "stopping took {took:?}");
+}
+
+/// HTTP/2 still accepts a stream for a round trip after its first idle
+/// GOAWAY. Such a request is answered before the connection is closed, even
+/// when it takes longer than the grace the idle close gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_crosses_an_idle_http2_close_is_answered() {
+    let mut cfg = config(&["tcp://127.0.0.1:1".to_owned()]);
+    cfg.header_timeout = Humantime(Duration::from_secs(2));
+    cfg.idle_timeout = Humantime(Duration::from_secs(2));
+    cfg.min_upload_rate = ByteSize(0);
+    let gw = Gateway::start_unready(cfg).await;
+    let mut h2 = RawH2::connect(gw.addr).await;
+    h2.request(1, 0x82, "/healthz", &[], true).await;
+    // Silent until the idle close begins, as a client that has not seen
+    // the GOAWAY yet.
+    h2.ack = false;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h2.saw(RawH2::GOAWAY, 0) {
+        assert!(
+            h2.read_for(Duration::from_millis(20)).await,
+            "closed: {:?}",
+            h2.seen
+        );
+        assert!(Instant::now() < deadline, "no idle GOAWAY: {:?}", h2.seen);
+    }
+    // Now a raw upload of 60,000 bytes over about 4 s, twice the grace.
+    let mut more = vec![0x5f, 24];
+    more.extend_from_slice(b"application/octet-stream");
+    more.extend_from_slice(&[0x5c, 5]);
+    more.extend_from_slice(b"60000");
+    h2.request(3, 0x83, "/v1/scan/raw", &more, false).await;
+    h2.ack = true;
+    for i in 0..6 {
+        let data = RawH2::frame(0, u8::from(i == 5), 3, &[b'a'; 10_000]);
+        h2.s.write_all(&data)
+            .await
+            .expect("the connection stays open");
+        assert!(
+            h2.read_for(Duration::from_millis(700)).await,
+            "closed mid-upload: {:?}",
+            h2.seen
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !h2.saw(RawH2::HEADERS, 3) {
+        assert!(
+            h2.read_for(Duration::from_millis(50)).await,
+            "closed unanswered: {:?}",
+            h2.seen
+        );
+        assert!(Instant::now() < deadline, "no answer: {:?}", h2.seen);
+    }
+    gw.stop().await;
+}

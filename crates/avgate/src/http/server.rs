@@ -142,6 +142,11 @@ pub async fn serve(
     }
 }
 
+/// At shutdown, how long a connection with nothing in progress is given to
+/// close by itself (an HTTP/2 client acknowledging the GOAWAY) before it is
+/// dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
 /// One accepted connection, up to the point where its bytes are known.
 struct Connection {
     builder: Arc<auto::Builder<TokioExecutor>>,
@@ -197,10 +202,16 @@ impl Connection {
             service,
         );
         tokio::pin!(conn);
-        let mut shutting_down = false;
-        // After an idle close began: HTTP/2's graceful close waits for the
-        // client to acknowledge a PING, which a silent client never does.
-        let mut idle_grace: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        // Once a graceful close has begun: HTTP/1 closes once the request in
+        // progress is answered; HTTP/2 sends GOAWAY and closes once the open
+        // streams are done *and* the client has acknowledged a PING, which a
+        // silent client never does. So the connection is also dropped once
+        // nothing has been in progress for `grace` since the close began:
+        // requests in progress (HTTP/2 still accepts streams for a round
+        // trip after the first GOAWAY) always finish first.
+        let mut closing_since: Option<Instant> = None;
+        let mut grace = header_timeout;
+        let mut shutdown = false;
         loop {
             tokio::select! {
                 result = conn.as_mut() => {
@@ -209,22 +220,21 @@ impl Connection {
                     }
                     return;
                 }
-                _ = closing.cancelled(), if !shutting_down => {}
-                _ = activity.idle(header_timeout, idle_timeout), if !shutting_down => {
-                    tracing::debug!(client = %peer, "closing an idle connection");
-                    idle_grace = Some(Box::pin(tokio::time::sleep(header_timeout)));
+                _ = closing.cancelled(), if !shutdown => {
+                    // Shutting down: no reason to wait long for a client.
+                    shutdown = true;
+                    grace = grace.min(SHUTDOWN_GRACE);
                 }
-                _ = async { idle_grace.as_mut().expect("guarded").await }, if idle_grace.is_some() => {
-                    // Nothing was in progress when the close began, and no
-                    // new request is accepted since: nothing is lost.
+                _ = activity.idle(header_timeout, idle_timeout), if closing_since.is_none() => {
+                    tracing::debug!(client = %peer, "closing an idle connection");
+                }
+                _ = activity.quiet(closing_since.unwrap_or_else(Instant::now), grace), if closing_since.is_some() => {
                     return;
                 }
             }
-            if !shutting_down {
-                // HTTP/1: close once the request in progress is answered;
-                // HTTP/2: GOAWAY, then close once the open streams are done.
+            if closing_since.is_none() {
                 conn.as_mut().graceful_shutdown();
-                shutting_down = true;
+                closing_since = Some(Instant::now());
             }
         }
     }
@@ -270,6 +280,25 @@ impl Activity {
         state.any_request = true;
         state.since = Instant::now();
         InProgress(self.clone())
+    }
+
+    /// Resolves once no request has been in progress for `quiet` since
+    /// `from` (or since the last one ended, if later).
+    async fn quiet(&self, from: Instant, quiet: Duration) {
+        loop {
+            let (busy, deadline) = {
+                let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                (state.in_progress > 0, state.since.max(from) + quiet)
+            };
+            if busy {
+                // Whatever is in progress has a deadline of its own.
+                tokio::time::sleep(quiet.min(Duration::from_secs(1))).await;
+            } else if Instant::now() >= deadline {
+                return;
+            } else {
+                tokio::time::sleep_until(deadline.into()).await;
+            }
+        }
     }
 
     /// Resolves once the connection has had no request in progress for
