@@ -74,14 +74,29 @@ fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs, config: avgate::config::Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    // Registered first: SIGHUP's default action would end the process.
+    // Registered first: the default actions would end the process at once,
+    // during start-up too (and leave a clamd just started behind). A signal
+    // that comes during start-up is kept and acted on once it is done.
     let mut hangup = signal(SignalKind::hangup())?;
+    let mut stop_signals = StopSignals::register()?;
     let running = avgate::app::start(config).await?;
     let stopper = running.stopper();
+    let managed = running.state.managed.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: finishing in-flight scans");
+        stop_signals.next().await;
+        tracing::info!(
+            "shutting down: finishing in-flight scans (a second SIGTERM or Ctrl-C exits at once)"
+        );
         stopper.cancel();
+        stop_signals.next().await;
+        // Exiting skips the orderly stop: take the managed clamd along.
+        if let Some(pid) = managed.and_then(|m| m.status().pid) {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        // A warning: written at once, with the lines waiting before it.
+        tracing::warn!("second stop signal: exiting without waiting for in-flight scans");
+        std::process::exit(130);
     });
     // SIGHUP: the configuration again (same file, environment and flags),
     // what can change at runtime applied, the signatures reloaded.
@@ -105,14 +120,25 @@ async fn serve(args: ServeArgs, config: avgate::config::Config) -> anyhow::Resul
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT (Ctrl-C).
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn register() -> std::io::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
     }
 }

@@ -142,6 +142,48 @@ async fn sigterm_lets_an_upload_in_flight_finish_then_exits_0() {
     assert_eq!(lines.last().unwrap()["message"], "stopped");
 }
 
+/// The operator who does not want to wait: a second SIGTERM (or Ctrl-C)
+/// exits at once, takes the managed clamd along, and the log says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once_and_takes_clamd_along() {
+    let mut server = start(None, &[("AVGATE_LOG_FLUSH_INTERVAL", "1h")]);
+    let ready = server.wait_ready(Duration::from_secs(60)).await;
+    let clamd_pid = ready["managed_clamd"]["pid"].as_i64().unwrap();
+    let sent = Arc::new(AtomicUsize::new(0));
+    // About 10 s of upload: the first SIGTERM would wait for it.
+    let upload = slow_upload(&server, 100, sent.clone());
+    wait_in_flight(&server).await;
+    server.signal(Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        alive(server.pid().into()),
+        "the first SIGTERM waits for the upload"
+    );
+    let second = Instant::now();
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    assert!(second.elapsed() < Duration::from_secs(3));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(clamd_pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the managed clamd outlived avgate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The upload was cut off, never answered as if scanned.
+    let cut = upload.await;
+    assert!(cut.is_err() || cut.unwrap().0 != 200);
+    let log = server.log_text();
+    assert!(log.contains("second stop signal"), "{log}");
+    // The info lines that waited were written with the warning.
+    assert!(
+        log.contains("shutting down: finishing in-flight scans"),
+        "{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_configuration_and_signatures_without_dropping_a_request() {
     let mut server = start(
