@@ -626,7 +626,12 @@ impl Pool {
         let mut last_full = Instant::now() - interval;
         loop {
             if last_full.elapsed() >= interval {
-                self.probe_all().await;
+                // A probe of a hung clamd takes its whole timeout: stopping
+                // does not wait for it.
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = self.probe_all() => {}
+                }
                 last_full = Instant::now();
             } else {
                 let down: Vec<_> = self
@@ -637,7 +642,7 @@ impl Pool {
                     .collect();
                 if !down.is_empty() {
                     let timeouts = self.timeouts;
-                    futures_join_all(down.into_iter().map(|b| async move {
+                    let probes = futures_join_all(down.into_iter().map(|b| async move {
                         let _ = b
                             .probe(Timeouts {
                                 reply: timeouts.reply.min(Duration::from_secs(10)),
@@ -645,8 +650,11 @@ impl Pool {
                                 ..timeouts
                             })
                             .await;
-                    }))
-                    .await;
+                    }));
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        _ = probes => {}
+                    }
                     self.queue.dispatch();
                 }
             }
@@ -823,6 +831,27 @@ mod tests {
         drop(lease);
         assert!(backend.probe(quick).await.unwrap_err().is_timeout());
         assert!(!backend.is_healthy());
+    }
+
+    #[tokio::test]
+    async fn health_checks_stop_at_once_even_mid_probe() {
+        let (addr, _clamd) = silent_clamd().await;
+        let pool = Pool::new(
+            vec![BackendConfig {
+                address: Address::Tcp(addr),
+                max_concurrent: 1,
+            }],
+            Timeouts::default(),
+        );
+        let stop = tokio::time::sleep(Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        // The probe of a clamd that never answers would wait 10 s.
+        pool.run_health_checks(Duration::from_secs(60), stop).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
