@@ -238,6 +238,9 @@ impl Signatures {
                 .as_deref()
                 .filter(|_| Some(&backend.address) == managed_address.as_ref());
             let result = self.reload_backend(backend, managed, started).await;
+            // Back in rotation (no longer draining, probed up): requests
+            // waiting for a slot get it now, not at the next health check.
+            self.pool.wake_waiters();
             match result.outcome {
                 "failed" => tracing::error!(
                     backend = %result.backend,

@@ -595,6 +595,13 @@ impl Pool {
         answer.try_recv().unwrap_or(Err(AcquireError::Busy))
     }
 
+    /// Gives waiting requests a slot where one can be had now: after a
+    /// backend came back in rotation outside the health checker (a reload
+    /// done, draining over).
+    pub fn wake_waiters(&self) {
+        self.queue.dispatch();
+    }
+
     /// Probes every backend once, concurrently.
     pub async fn probe_all(&self) {
         let probes = self.backends.iter().map(|b| {
@@ -831,6 +838,32 @@ mod tests {
         drop(lease);
         assert!(backend.probe(quick).await.unwrap_err().is_timeout());
         assert!(!backend.is_healthy());
+    }
+
+    #[tokio::test]
+    async fn waiters_get_a_backend_that_comes_back_outside_the_health_checker() {
+        let pool = pool_of(2, 1);
+        let (a, b) = (pool.backends()[0].clone(), pool.backends()[1].clone());
+        a.set_health(Health::Up);
+        b.set_health(Health::Down("reloading".into()));
+        let busy = pool.acquire(Duration::ZERO, &[]).await.unwrap();
+        // Queued: the only backend in rotation is busy for a long scan.
+        let waiter = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(Duration::from_secs(5), &[]).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The other one passes its probe after a reload.
+        b.set_health(Health::Up);
+        let started = std::time::Instant::now();
+        pool.wake_waiters();
+        let lease = waiter
+            .await
+            .unwrap()
+            .expect("a slot on the backend that came back");
+        assert_eq!(lease.index(), 1);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        drop(busy);
     }
 
     #[tokio::test]
