@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use avgate::auth::manage::{self, Actor, TokenOptions};
 use avgate::auth::token::Token;
 use avgate::config::Config;
-use avgate::store::{clock, SqliteStore, Store};
+use avgate::store::{clock, SqliteStore, Store, Usage};
 use common::binary::Server;
 use common::*;
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
@@ -385,6 +385,54 @@ async fn quotas_stop_at_exactly_their_number() {
     }
     let used = store.usage(&bytes100_id, month).await.unwrap();
     assert_eq!((used.files, used.bytes), (2, 100));
+
+    // Without a Content-Length (chunked, as HTTP/2 or a pipe sends it),
+    // the bytes are counted as they arrive: the quota still holds, and
+    // uploads at the same time cannot share what is left between them.
+    let (chunked, chunked_id) = issue(&store, "chunked-100", |o| {
+        o.monthly_bytes = Some(avgate::config::ByteSize(100))
+    })
+    .await;
+    let raw_chunked = |data: Vec<u8>| {
+        let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(data)]);
+        let request = gw
+            .client
+            .post(gw.url("/v1/scan/raw"))
+            .bearer_auth(&chunked)
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(chunks));
+        async move { json(request.send().await.unwrap()).await }
+    };
+    let (status, body) = raw_chunked(vec![b'a'; 4000]).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "quota_exceeded");
+    let uploads: Vec<_> = (0..8).map(|_| raw_chunked(vec![b'b'; 30])).collect();
+    let answers = futures_util::future::join_all(uploads).await;
+    let scanned = answers.iter().filter(|(s, _)| *s == 200).count() as u64;
+    for (status, body) in &answers {
+        assert!(
+            *status == 200 || body["error"]["code"] == "quota_exceeded",
+            "{status}: {body}"
+        );
+    }
+    assert!(
+        (1..=3).contains(&scanned),
+        "{scanned} of 8 fit in 100 bytes"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let used = store.usage(&chunked_id, month).await.unwrap();
+        if used
+            == (Usage {
+                files: scanned,
+                bytes: 30 * scanned,
+            })
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{used:?} for {scanned} files");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Refused requests count nothing.
     let before = store.usage(&files3_id, month).await.unwrap();

@@ -8,6 +8,13 @@
 //! that concurrent requests cannot overshoot. A scanned file commits its
 //! reservation with its real size; one that was not scanned gives it back.
 //!
+//! A byte quota is checked as the bytes arrive: each file reserves bytes
+//! in the store in steps ([`ByteBudget`]) ahead of what it sends to the
+//! engines, so that neither a request without a Content-Length (chunked,
+//! HTTP/2) nor several at once can take the count past the quota. A
+//! scanned file gives back what it reserved beyond its size; one that was
+//! not scanned gives back all of it.
+//!
 //! Every token's use is counted, with or without quotas, so that
 //! `avgate token usage` answers for all of them. A token without quotas
 //! needs no reservation: its scans are counted in memory once done and
@@ -22,11 +29,16 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::usage::UsageBuffer;
 use super::{store_failed, Auth, Principal, Quotas};
 use crate::http::error::{ApiError, Code};
+use crate::scan::pipeline::BodyError;
 use crate::store::clock::{self, Month};
 use crate::store::Store;
 
 /// Seconds a client is told to wait when its token's scans are all busy.
 const CONCURRENCY_RETRY_SECS: u64 = 1;
+
+/// Most bytes a file reserves against a byte quota ahead of what has
+/// arrived: about one store write per MiB of a large upload.
+const RESERVE_STEP: u64 = 1 << 20;
 
 /// One semaphore per token that has a `max_concurrent`. Tokens are few and
 /// their limit never changes, so entries are kept for the process's life.
@@ -147,9 +159,82 @@ impl Meter {
             let max = limit.unwrap_or_default();
             return Err(quota_exceeded(t.month, format!("{max} files")));
         }
+        let budget = t.quotas.monthly_bytes.map(|limit| {
+            Arc::new(ByteBudget {
+                store: t.store.clone(),
+                id: t.id.clone(),
+                month: t.month,
+                limit,
+                counts: Mutex::new(ByteCounts::default()),
+            })
+        });
         Ok(FileReservation {
-            held: Some(Held::Store(t.store.clone(), t.id.clone(), t.month)),
+            held: Some(Held::Store(t.store.clone(), t.id.clone(), t.month, budget)),
         })
+    }
+}
+
+/// A file's bytes against its token's byte quota, reserved in the store
+/// as they arrive.
+pub struct ByteBudget {
+    store: Arc<dyn Store>,
+    id: String,
+    month: Month,
+    limit: u64,
+    counts: Mutex<ByteCounts>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct ByteCounts {
+    /// Bytes of the file that have arrived.
+    seen: u64,
+    /// Bytes counted in the store for it.
+    reserved: u64,
+}
+
+impl ByteBudget {
+    /// Counts `n` more bytes of the file; refuses once they do not fit in
+    /// what is left of the quota (the file is then not scanned).
+    pub async fn take(&self, n: u64) -> Result<(), BodyError> {
+        let (need, seen) = {
+            let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            c.seen += n;
+            (c.seen.saturating_sub(c.reserved), c.seen)
+        };
+        if need == 0 {
+            return Ok(());
+        }
+        // Ahead by as much as has arrived, up to a step: few store writes
+        // for a large file, and a small one (which arrives whole) holds no
+        // more than its size, so it never crowds out another.
+        let ahead = need + seen.min(RESERVE_STEP);
+        for amount in [ahead, need] {
+            let granted = self
+                .store
+                .reserve_bytes(&self.id, self.month, amount, self.limit)
+                .await
+                .map_err(|e| BodyError::StoreFailed(e.to_string()))?;
+            if granted {
+                self.counts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .reserved += amount;
+                return Ok(());
+            }
+        }
+        Err(BodyError::QuotaExceeded {
+            message: format!(
+                "this token's monthly quota ({} bytes) for {} is used up by this upload; it resets on {}",
+                self.limit,
+                self.month,
+                clock::rfc3339(self.month.next().start())
+            ),
+            retry_after: until_next_month(self.month),
+        })
+    }
+
+    fn counts(&self) -> ByteCounts {
+        *self.counts.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -161,18 +246,37 @@ pub struct FileReservation {
 }
 
 enum Held {
-    /// Counted in the store already (a token with quotas).
-    Store(Arc<dyn Store>, String, Month),
+    /// Counted in the store already (a token with quotas); its bytes too
+    /// with a byte quota.
+    Store(Arc<dyn Store>, String, Month, Option<Arc<ByteBudget>>),
     /// Nothing counted yet (a token without quotas): counted in memory on
     /// commit.
     Memory(Arc<UsageBuffer>, String, Month),
 }
 
 impl FileReservation {
+    /// The byte budget the file's bytes must be taken from as they arrive,
+    /// for a token with a byte quota.
+    pub fn budget(&self) -> Option<Arc<ByteBudget>> {
+        match &self.held {
+            Some(Held::Store(_, _, _, budget)) => budget.clone(),
+            _ => None,
+        }
+    }
+
     /// The file was scanned: keep it counted and add its bytes.
     pub async fn commit(mut self, bytes: u64) {
         match self.held.take() {
-            Some(Held::Store(store, id, month)) => {
+            Some(Held::Store(store, id, month, Some(budget))) => {
+                // Counted as they arrived: give back the step reserved ahead.
+                let excess = budget.counts().reserved.saturating_sub(bytes);
+                if excess > 0 {
+                    if let Err(e) = store.release_bytes(&id, month, excess).await {
+                        tracing::error!(error = %e, token_id = %id, "cannot give back reserved bytes");
+                    }
+                }
+            }
+            Some(Held::Store(store, id, month, None)) => {
                 if let Err(e) = store.add_bytes(&id, month, bytes).await {
                     tracing::error!(error = %e, token_id = %id, "cannot count scanned bytes");
                 }
@@ -185,13 +289,19 @@ impl FileReservation {
 
 impl Drop for FileReservation {
     fn drop(&mut self) {
-        let Some(Held::Store(store, id, month)) = self.held.take() else {
+        let Some(Held::Store(store, id, month, budget)) = self.held.take() else {
             return;
         };
+        let reserved = budget.map_or(0, |b| b.counts().reserved);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 if let Err(e) = store.release_file(&id, month).await {
                     tracing::error!(error = %e, token_id = %id, "cannot give back an unscanned file's quota");
+                }
+                if reserved > 0 {
+                    if let Err(e) = store.release_bytes(&id, month, reserved).await {
+                        tracing::error!(error = %e, token_id = %id, "cannot give back an unscanned file's bytes");
+                    }
                 }
             });
         }

@@ -308,6 +308,17 @@ impl From<PipelineError> for ApiError {
             PipelineError::Body(e @ BodyError::TooSlow(_)) => {
                 ApiError::new(Code::UploadTooSlow, e.to_string())
             }
+            PipelineError::Body(BodyError::QuotaExceeded {
+                message,
+                retry_after,
+            }) => ApiError::new(Code::QuotaExceeded, message).with_retry_after(retry_after),
+            PipelineError::Body(BodyError::StoreFailed(e)) => {
+                tracing::error!(error = %e, "the token store failed while counting bytes");
+                ApiError::new(
+                    Code::StoreUnavailable,
+                    "the token store is unavailable; the file was not scanned",
+                )
+            }
             PipelineError::Body(BodyError::Read(msg)) => ApiError::new(
                 Code::InvalidBody,
                 format!("the upload could not be read: {msg}"),

@@ -173,6 +173,19 @@ where
         .reserve_file()
         .await
         .map_err(|e| e.with_filename(name.clone()))?;
+    // A byte quota is taken from as the bytes arrive, before the engines
+    // get them: a missing Content-Length cannot get round it.
+    let body = match counted.budget() {
+        Some(budget) => futures_util::future::Either::Left(body.then(move |item| {
+            let budget = budget.clone();
+            async move {
+                let chunk = item?;
+                budget.take(chunk.len() as u64).await?;
+                Ok(chunk)
+            }
+        })),
+        None => futures_util::future::Either::Right(body),
+    };
     let scan = pipeline::scan(
         &state.engines,
         &state.policy,

@@ -30,6 +30,12 @@ pub enum BodyError {
     /// The client sent too slowly.
     #[error("the upload was slower than {} bytes/s over {}s", .0.min_bytes_per_sec, .0.window.as_secs())]
     TooSlow(crate::perimeter::slowbody::TooSlow),
+    /// The token's monthly byte quota ran out while the file arrived.
+    #[error("{message}")]
+    QuotaExceeded { message: String, retry_after: u64 },
+    /// The store that counts the quota failed.
+    #[error("{0}")]
+    StoreFailed(String),
 }
 
 impl From<crate::perimeter::slowbody::TooSlow> for BodyError {

@@ -165,6 +165,25 @@ pub trait Store: Send + Sync + 'static {
 
     async fn add_bytes(&self, token_id: &str, month: Month, bytes: u64) -> Result<(), StoreError>;
 
+    /// Counts `bytes` against `month`, atomically, unless that would take
+    /// the count past `limit`: then nothing changes and the answer is false.
+    async fn reserve_bytes(
+        &self,
+        token_id: &str,
+        month: Month,
+        bytes: u64,
+        limit: u64,
+    ) -> Result<bool, StoreError>;
+
+    /// Gives back bytes reserved with [`Store::reserve_bytes`] that were not
+    /// scanned after all.
+    async fn release_bytes(
+        &self,
+        token_id: &str,
+        month: Month,
+        bytes: u64,
+    ) -> Result<(), StoreError>;
+
     /// Adds files and bytes that were counted elsewhere (in memory, for
     /// tokens that have no quota to check) to each token's month: the
     /// whole batch atomically, all of it or none.

@@ -495,6 +495,50 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn reserve_bytes(
+        &self,
+        token_id: &str,
+        month: Month,
+        bytes: u64,
+        limit: u64,
+    ) -> Result<bool, StoreError> {
+        let id = token_id.to_owned();
+        self.call(move |conn| {
+            // One statement, as for files: the check and the increment
+            // cannot be split by another request, here or in another process.
+            conn.prepare_cached(
+                "INSERT INTO usage (token_id, month, files, bytes) \
+                 SELECT ?1, ?2, 0, ?3 WHERE ?3 <= ?4 \
+                 ON CONFLICT (token_id, month) DO UPDATE SET bytes = bytes + ?3 \
+                 WHERE bytes + ?3 <= ?4",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![id, month.to_string(), int(bytes), int(limit)])
+            })
+            .map(|n| n == 1)
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn release_bytes(
+        &self,
+        token_id: &str,
+        month: Month,
+        bytes: u64,
+    ) -> Result<(), StoreError> {
+        let id = token_id.to_owned();
+        self.call(move |conn| {
+            conn.prepare_cached(
+                "UPDATE usage SET bytes = MAX(bytes - ?3, 0) WHERE token_id = ?1 AND month = ?2",
+            )
+            .and_then(|mut stmt| stmt.execute(params![id, month.to_string(), int(bytes)]))
+            .map(drop)
+            .map_err(backend)
+        })
+        .await
+    }
+
     async fn add_usage(&self, batch: &[UsageDelta]) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
