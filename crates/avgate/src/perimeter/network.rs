@@ -36,14 +36,16 @@ impl IpPolicy {
         if !contains(&self.trusted_proxies, client) {
             return client;
         }
-        let hops: Vec<&str> = headers
+        // Split as bytes: a value the client started with a non-ASCII byte
+        // is not all garbage, since the proxy appended the real address to
+        // it (and dropping the whole value would make the proxy the client).
+        let hops: Vec<&[u8]> = headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
             .collect();
         for hop in hops.iter().rev() {
-            match parse_hop(hop) {
+            match std::str::from_utf8(hop).ok().and_then(parse_hop) {
                 Some(ip) => {
                     client = ip;
                     if !contains(&self.trusted_proxies, ip) {
@@ -101,9 +103,26 @@ pub fn parse_nets(items: &[String]) -> Result<Vec<IpNet>, String> {
             let s = s.trim();
             s.parse::<IpNet>()
                 .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map(canonical_net)
                 .map_err(|_| format!("{s:?} is not an address or CIDR range (e.g. 203.0.113.0/24, 2001:db8::/32)"))
         })
         .collect()
+}
+
+/// An IPv4-mapped range (`::ffff:203.0.113.0/120`) as the IPv4 range it
+/// is: client addresses are compared in their IPv4 form ([`canonical`]),
+/// so the mapped form of an entry would never match (for `deny`, a list
+/// that silently lets everyone through).
+fn canonical_net(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(IpNet::V4)
+                .unwrap_or(net),
+            None => net,
+        },
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -185,6 +204,29 @@ mod tests {
             policy.client_ip(proxy, &xff("198.51.100.9, not-an-ip")),
             "10.0.0.2".parse::<IpAddr>().unwrap()
         );
+        // A client that starts the header with a non-ASCII byte does not
+        // hide the address the proxy appended after it.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            axum::http::HeaderValue::from_bytes(b"\xff\xfe, 198.51.100.9").unwrap(),
+        );
+        assert_eq!(
+            policy.client_ip(proxy, &h),
+            "198.51.100.9".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_entries_match_ipv4_clients() {
+        let policy = IpPolicy {
+            deny: nets(&["::ffff:203.0.113.0/120", "::ffff:198.51.100.7"]),
+            ..Default::default()
+        };
+        for client in ["203.0.113.9", "::ffff:203.0.113.9", "198.51.100.7"] {
+            assert!(!policy.permits(client.parse().unwrap()), "{client}");
+        }
+        assert!(policy.permits("198.51.100.8".parse().unwrap()));
     }
 
     #[test]
