@@ -14,6 +14,10 @@ use super::{RateSpec, Scope};
 use crate::config::{ByteSize, Humantime};
 use crate::perimeter::ratelimit::Rate;
 use crate::store::clock::{self, Month};
+
+/// Highest `max_concurrent` a token may have: far above any real use, and
+/// far below what a semaphore can hold.
+const MAX_CONCURRENT: usize = 1_000_000;
 use crate::store::{Store, StoreError, TokenRecord};
 
 /// Longest token name.
@@ -126,6 +130,11 @@ impl TokenOptions {
                     "{what} must be above 0 (leave it out for no limit)"
                 ));
             }
+        }
+        if self.max_concurrent.is_some_and(|n| n > MAX_CONCURRENT) {
+            return Err(format!(
+                "max_concurrent must be at most {MAX_CONCURRENT} (leave it out for no limit)"
+            ));
         }
         Ok(TokenSpec {
             name: name.to_owned(),
@@ -517,6 +526,15 @@ mod tests {
             },
             TokenOptions {
                 allow_ips: vec!["300.1.1.1/8".into()],
+                ..options("x")
+            },
+            // Accepted once, and then every request with the token panicked.
+            TokenOptions {
+                rate: Some("1e-15/d".into()),
+                ..options("x")
+            },
+            TokenOptions {
+                max_concurrent: Some(usize::MAX),
                 ..options("x")
             },
             TokenOptions {

@@ -54,7 +54,7 @@ impl Concurrency {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(token_id.to_owned())
-            .or_insert_with(|| Arc::new(Semaphore::new(max)))
+            .or_insert_with(|| Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))))
             .clone();
         semaphore.try_acquire_owned().ok()
     }

@@ -35,6 +35,11 @@ impl FromStr for Rate {
         if !(n.is_finite() && n > 0.0) {
             return Err(format!("{s:?}: the rate must be above 0"));
         }
+        // Slower than that is no rate limit but a ban, and its waits would
+        // not fit in a Duration.
+        if n / seconds < 1.0 / 86400.0 {
+            return Err(format!("{s:?}: the rate must be at least 1/d"));
+        }
         Ok(Rate {
             per_second: n / seconds,
         })
@@ -194,6 +199,11 @@ impl<K: Eq + Hash + Clone> Buckets<K> {
     }
 }
 
+/// A wait in seconds as a Duration; one too long for it is the longest.
+fn seconds(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::MAX)
+}
+
 fn refill(b: Bucket, rate: Rate, burst: u32, now: Instant) -> Bucket {
     let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
     Bucket {
@@ -206,7 +216,7 @@ fn decide(tokens: f64, rate: Rate, burst: u32, taking: bool) -> (Decision, bool)
     let limit = burst.max(1);
     if tokens >= 1.0 {
         let after = if taking { tokens - 1.0 } else { tokens };
-        let reset = Duration::from_secs_f64((f64::from(limit) - after) / rate.per_second);
+        let reset = seconds((f64::from(limit) - after) / rate.per_second);
         (
             Decision::Allowed {
                 limit,
@@ -216,7 +226,7 @@ fn decide(tokens: f64, rate: Rate, burst: u32, taking: bool) -> (Decision, bool)
             true,
         )
     } else {
-        let retry_after = Duration::from_secs_f64((1.0 - tokens) / rate.per_second);
+        let retry_after = seconds((1.0 - tokens) / rate.per_second);
         (Decision::Limited { limit, retry_after }, false)
     }
 }
@@ -232,6 +242,10 @@ mod tests {
         assert!("10".parse::<Rate>().is_err());
         assert!("0/s".parse::<Rate>().is_err());
         assert!("10/week".parse::<Rate>().is_err());
+        assert!("1/d".parse::<Rate>().is_ok());
+        // A ban, not a rate (and its waits would not fit in a Duration).
+        assert!("1e-15/d".parse::<Rate>().is_err());
+        assert!("0.5/d".parse::<Rate>().is_err());
     }
 
     #[test]
