@@ -944,6 +944,22 @@ async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // A leaked token pasted into the path (to revoke it, say) is refused
+    // as a credential in the URL, and never reaches the audit trail or the
+    // log (checked at the end).
+    for creds in [Some(&second), None] {
+        let mut r = client.delete(format!("{base}/v1/admin/tokens/{first}"));
+        if let Some(t) = creds {
+            r = r.bearer_auth(t);
+        }
+        let (status, body) = json(r.send().await.unwrap()).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("token_in_query")),
+            "{body}"
+        );
+        assert!(!body.to_string().contains(&first[4..]));
+    }
 
     // Clients that leak tokens: in the query string, mangled, revoked.
     for url in [

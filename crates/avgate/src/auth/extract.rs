@@ -104,7 +104,11 @@ impl FromRequestParts<AppState> for AdminPrincipal {
                 token_id: None,
                 actor: Some(admin.token_id().to_owned()),
                 client: client(parts),
-                detail: Some(format!("{} {}", parts.method, parts.uri.path())),
+                detail: Some(format!(
+                    "{} {}",
+                    parts.method,
+                    super::audit_path(parts.uri.path())
+                )),
             },
         )
         .await;
@@ -125,7 +129,7 @@ async fn refuse(parts: &Parts, state: &AppState, refusal: Refusal) -> AuthReject
                 "{} ({} {})",
                 refusal.reason.as_str(),
                 parts.method,
-                parts.uri.path()
+                super::audit_path(parts.uri.path())
             )),
         },
     )

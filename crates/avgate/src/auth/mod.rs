@@ -307,7 +307,9 @@ impl Auth {
 
     /// Establishes who sent a request with these headers and URI.
     pub async fn authenticate(&self, headers: &HeaderMap, uri: &Uri) -> Result<Principal, Refusal> {
-        if token_in_query(uri.query()) {
+        // In the path too: `DELETE /v1/admin/tokens/avg_…` with a leaked
+        // token would otherwise put it in the audit trail and the logs.
+        if token_in_query(uri.query()) || contains_token(uri.path()) {
             return Err(Refusal::new(RefusalReason::TokenInQuery));
         }
         let mut values = headers.get_all(header::AUTHORIZATION).iter();
@@ -393,6 +395,31 @@ fn token_in_query(query: Option<&str>) -> bool {
     })
 }
 
+/// A request path as the audit trail keeps it: any well-formed token in it
+/// masked (a leaked one pasted into the URL), and at most 200 characters
+/// (refusals of anonymous clients are recorded, and a path can be 64 KiB).
+pub(crate) fn audit_path(path: &str) -> String {
+    const MAX: usize = 200;
+    let mut out = String::with_capacity(path.len().min(MAX + 3));
+    let mut rest = path;
+    while let Some(i) = rest.find(token::PREFIX) {
+        out.push_str(&rest[..i]);
+        let candidate = rest.get(i..i + token::TOKEN_LEN);
+        if candidate.is_some_and(|c| Token::parse(c).is_ok()) {
+            out.push_str("avg_***");
+            rest = &rest[i + token::TOKEN_LEN..];
+        } else {
+            out.push_str(token::PREFIX);
+            rest = &rest[i + token::PREFIX.len()..];
+        }
+    }
+    out.push_str(rest);
+    if out.chars().count() > MAX {
+        out = out.chars().take(MAX).collect::<String>() + "...";
+    }
+    out
+}
+
 /// Whether `s` (a raw query value) holds a well-formed token. The checksum
 /// keeps `?filename=q3_avg_revenue.csv` from looking like one.
 fn contains_token(s: &str) -> bool {
@@ -445,6 +472,15 @@ mod tests {
             assert!(!token_in_query(Some(q)), "{q}");
         }
         assert!(!token_in_query(None));
+        // And in the path, which the audit trail keeps masked.
+        assert!(contains_token(&format!("/v1/admin/tokens/{t}")));
+        assert!(!contains_token("/v1/admin/tokens/tok_abc123"));
+        assert_eq!(
+            audit_path(&format!("/v1/admin/tokens/{t}/usage")),
+            "/v1/admin/tokens/avg_***/usage"
+        );
+        assert_eq!(audit_path("/v1/avg_/x"), "/v1/avg_/x");
+        assert_eq!(audit_path(&"/a".repeat(1000)).len(), 203);
     }
 
     #[test]
