@@ -64,6 +64,7 @@ pub enum Code {
     PolicyNotFound,
     PolicyRemoved,
     PolicyPending,
+    HttpsRequired,
 }
 
 impl Code {
@@ -104,6 +105,7 @@ impl Code {
         Code::PolicyNotFound,
         Code::PolicyRemoved,
         Code::PolicyPending,
+        Code::HttpsRequired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -144,6 +146,7 @@ impl Code {
             Code::PolicyNotFound => "policy_not_found",
             Code::PolicyRemoved => "policy_removed",
             Code::PolicyPending => "policy_pending",
+            Code::HttpsRequired => "https_required",
         }
     }
 
@@ -185,6 +188,7 @@ impl Code {
             Code::PolicyNotFound => StatusCode::NOT_FOUND,
             Code::PolicyRemoved => StatusCode::CONFLICT,
             Code::PolicyPending => StatusCode::SERVICE_UNAVAILABLE,
+            Code::HttpsRequired => StatusCode::FORBIDDEN,
         }
     }
 }

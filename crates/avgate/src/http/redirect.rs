@@ -1,6 +1,7 @@
 //! The plain-HTTP listener next to a TLS one (`http_listen`, usually port
 //! 80): answers ACME HTTP-01 challenges and sends everything else to
-//! HTTPS with 308, which keeps the method and body.
+//! HTTPS with 308, which keeps the method and body; except requests that
+//! carry credentials (see [`to_https`]).
 
 use std::sync::Arc;
 
@@ -48,6 +49,17 @@ async fn challenge(
 }
 
 async fn to_https(State(redirect): State<Redirect>, request: Request) -> Response {
+    // A client that sends its token over plain HTTP has leaked it already;
+    // a redirect would make that work, and leak it on every request. It is
+    // told to use HTTPS instead (the usual answer of APIs, unlike sites).
+    if request.headers().contains_key(header::AUTHORIZATION) {
+        return super::error::ApiError::new(
+            super::error::Code::HttpsRequired,
+            "this API is served over HTTPS only: use https:// (a token sent here went over the \
+             network unencrypted: treat it as leaked)",
+        )
+        .into_response();
+    }
     // The host the client asked for (HTTP/1.1 Host, or an HTTP/2 or
     // absolute-form authority), without its port.
     let authority = request.uri().authority().cloned().or_else(|| {
@@ -115,6 +127,22 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(r.headers()["location"], "https://avscan.example.com/");
+    }
+
+    #[tokio::test]
+    async fn a_request_with_a_token_is_refused_not_redirected() {
+        let request = Request::builder()
+            .method("POST")
+            .uri("/v1/scan")
+            .header("host", "avscan.example.com")
+            .header("authorization", "Bearer avg_x")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let r = router(443, None).oneshot(request).await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(!r.headers().contains_key("location"));
+        let body = axum::body::to_bytes(r.into_body(), 4096).await.unwrap();
+        assert!(String::from_utf8_lossy(&body).contains("\"https_required\""));
     }
 
     #[tokio::test]
