@@ -645,6 +645,11 @@ impl Config {
                 self.clamd.max_concurrent_per_backend == 0,
             ),
             ("managed.max_threads", self.managed.max_threads == 0),
+            (
+                // 0 would restart a clamd that keeps dying in a tight loop.
+                "managed.restart_backoff_max",
+                self.managed.restart_backoff_max.0.is_zero(),
+            ),
         ] {
             if zero {
                 return Err(invalid(format!("{name} must be above 0")));

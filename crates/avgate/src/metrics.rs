@@ -79,6 +79,10 @@ struct Scraped {
     backend_database_version: IntGaugeVec,
     backend_database_age: prometheus::GaugeVec,
     backend_last_probe: prometheus::GaugeVec,
+    /// Set at start; in managed mode read again at each scrape, since the
+    /// managed clamd's database can change kind while it runs (official
+    /// once freshclam has it, or back to test signatures if it goes).
+    database_info: IntGaugeVec,
     /// Only in managed mode.
     managed_restarts: Option<IntCounter>,
     /// Only in managed mode: the file system of clamd's temporary
@@ -112,6 +116,7 @@ impl Metrics {
             &["kind"],
         );
         kind.with_label_values(&[database.as_str()]).set(1);
+        let database_info = kind;
         r.gauge(
             "avgate_scans_max_concurrent",
             "Scans at once (max_concurrent_scans); past it, requests get 503 server_busy.",
@@ -119,6 +124,7 @@ impl Metrics {
         .set(max_concurrent_scans as i64);
 
         let scraped = Scraped {
+            database_info,
             backend_up: r.gauge_vec(
                 "avgate_backend_up",
                 "1 when the backend's last health probe (a real scan of EICAR) found it, else 0.",
@@ -347,6 +353,12 @@ impl Metrics {
                     .with_label_values(&label)
                     .set(age.as_secs_f64());
             }
+        }
+        if let Some(managed) = &self.sources.managed {
+            s.database_info.reset();
+            s.database_info
+                .with_label_values(&[managed.database().as_str()])
+                .set(1);
         }
         if let (Some(counter), Some(managed)) = (&s.managed_restarts, &self.sources.managed) {
             catch_up(counter, managed.status().restarts);

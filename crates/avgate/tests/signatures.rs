@@ -787,6 +787,14 @@ async fn a_clamd_that_restarts_loads_an_update_it_missed_without_a_reload() {
         s == 503
     })
     .await;
+    // /readyz says so at once: wait until a start has really failed too.
+    gw.wait_for(
+        "/readyz",
+        Duration::from_secs(30),
+        "a failed start",
+        |_, v| v["managed_clamd"]["restarts"].as_u64() >= Some(2),
+    )
+    .await;
     // An update arrives meanwhile: owed, not sent.
     std::fs::write(&gate, b"").unwrap();
     gw.wait_for("/readyz", Duration::from_secs(30), "an update", |_, v| {

@@ -118,7 +118,12 @@ impl DatabaseLayout {
         let with_test_signatures = official_source.is_none();
         let kind = if official_source.is_some() {
             DatabaseKind::Official
-        } else if wanted.keys().any(|n| !test_names.contains(&n.as_str())) {
+        } else if wanted
+            .keys()
+            .any(|n| !test_names.contains(&n.as_str()) && clamd::database::is_signature_file(n))
+        {
+            // Signatures of one's own; allow and ignore lists alone
+            // (.sfp, .ign2) detect nothing, so they do not count.
             DatabaseKind::Custom
         } else {
             DatabaseKind::TestSignaturesOnly
@@ -171,6 +176,12 @@ impl DatabaseLayout {
                 if std::fs::read_to_string(&path).ok().as_deref() != Some(*content) {
                     write_atomically(&path, content.as_bytes())?;
                     changed = true;
+                }
+                if kind == DatabaseKind::Custom {
+                    // The custom signatures date the database: the test
+                    // files, rewritten at every start, must not make a
+                    // stale one look fresh.
+                    crate::policy::clamd::age_out(&path);
                 }
             } else if std::fs::symlink_metadata(&path).is_ok() {
                 std::fs::remove_file(&path)
@@ -434,6 +445,40 @@ mod tests {
             names(&l.dir),
             ["avgate-test.hdb", "avgate-test.ndb", "custom.ndb"]
         );
+    }
+
+    #[test]
+    fn beside_custom_signatures_the_test_files_do_not_date_the_database() {
+        let d = dirs(true);
+        let l = &d.layout;
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(30 * 86_400);
+        let custom = l.freshclam_dir.as_ref().unwrap().join("custom.ndb");
+        std::fs::write(&custom, "x").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&custom)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        l.reset_test_signatures();
+        assert_eq!(l.sync().unwrap().kind, DatabaseKind::Custom);
+        let newest = clamd::database::newest_signature_mtime(&l.dir).unwrap();
+        assert!(
+            newest <= old + std::time::Duration::from_secs(1),
+            "a 30-day-old custom database looks fresh"
+        );
+    }
+
+    #[test]
+    fn allow_and_ignore_lists_alone_are_still_test_signatures_only() {
+        // They detect nothing: "custom" would hide that no real signature
+        // is loaded (and keep the test-signatures alert from firing).
+        let d = dirs(true);
+        let l = &d.layout;
+        let dir = l.freshclam_dir.as_ref().unwrap();
+        std::fs::write(dir.join("local.ign2"), "Some.Sig\n").unwrap();
+        std::fs::write(dir.join("local.sfp"), "").unwrap();
+        assert_eq!(l.sync().unwrap().kind, DatabaseKind::TestSignaturesOnly);
     }
 
     #[test]

@@ -269,11 +269,21 @@ impl ManagedClamd {
             &mut *self.kind.lock().unwrap_or_else(|e| e.into_inner()),
             report.kind,
         );
-        if before != report.kind {
+        if before != report.kind && report.kind == DatabaseKind::TestSignaturesOnly {
+            // The official (or custom) database went away from its source:
+            // clamd now detects test files only.
+            tracing::error!(
+                was = before.as_str(),
+                now = report.kind.as_str(),
+                "NO MALWARE SIGNATURES ANY MORE: the signature database is gone from its source \
+                 (an unmounted managed.database_dir, a purged /var/lib/clamav?); clamd runs with \
+                 avgate's test signatures only until it is back"
+            );
+        } else if before != report.kind {
             tracing::info!(
                 was = before.as_str(),
                 now = report.kind.as_str(),
-                source = ?report.official_source,
+                source = %report.official_source.as_ref().map_or("none".into(), |s| s.display().to_string()),
                 "the managed clamd's signature database changed kind"
             );
         }

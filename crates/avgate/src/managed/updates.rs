@@ -385,6 +385,12 @@ pub async fn run(managed: Arc<ManagedClamd>, signatures: Arc<Signatures>, stop: 
                 tracing::info!(executable = %fc.executable.display(), "checking for signature updates");
                 let before = managed.fingerprint();
                 let outcome = fc.run(&stop).await;
+                if matches!(outcome, RunOutcome::Stopped) {
+                    // Cut short by a stop: no check happened. Recorded, it
+                    // would make the next start wait a whole interval (on
+                    // a first start: hours on the test signatures).
+                    return;
+                }
                 fc.record_check();
                 let next = Instant::now() + jittered(fc.interval, random_fraction());
                 next_check = Some(next);

@@ -139,7 +139,7 @@ pub fn write(dir: &dyn Directory, files: &Files) -> anyhow::Result<()> {
 /// Dates a file at the epoch. For an unsigned database the age that
 /// readiness checks is that of the newest signature file: avgate's probe
 /// signature must not make a stale database look fresh.
-fn age_out(path: &Path) {
+pub(crate) fn age_out(path: &Path) {
     let result = std::fs::File::options()
         .write(true)
         .open(path)
