@@ -96,7 +96,7 @@ pub struct Policy {
     /// The sha256s the managed clamd has loaded as allowed, or may load at
     /// any moment (written since, a reload or a restart away): see
     /// [`Policy::clamd_may_allow`].
-    clamd_allows: Mutex<HashSet<String>>,
+    clamd_allows: Mutex<Arc<HashSet<String>>>,
 }
 
 impl std::fmt::Debug for Policy {
@@ -148,7 +148,7 @@ impl Policy {
                 error: None,
             }),
             written: Mutex::new(None),
-            clamd_allows: Mutex::new(HashSet::new()),
+            clamd_allows: Mutex::new(Arc::new(HashSet::new())),
         });
         policy.refresh().await?;
         let snapshot = policy.snapshot();
@@ -196,12 +196,21 @@ impl Policy {
     /// the next successful reload: meanwhile clamd answers OK for that
     /// hash, and that OK is not a verdict (see the scan pipeline).
     pub fn clamd_may_allow(&self, sha256: &str) -> bool {
-        self.target.is_some()
-            && self
-                .clamd_allows
+        self.clamd_allows().is_some_and(|a| a.contains(sha256))
+    }
+
+    /// The hashes of [`Policy::clamd_may_allow`] as they are now (managed
+    /// clamd only). A scan takes them when it starts: clamd reloads with
+    /// the old engine serving the scans already running, so a hash dropped
+    /// by a reload during a scan still counts for that scan.
+    pub fn clamd_allows(&self) -> Option<Arc<HashSet<String>>> {
+        self.target.as_ref()?;
+        Some(
+            self.clamd_allows
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .contains(sha256)
+                .clone(),
+        )
     }
 
     pub fn clamd_status(&self) -> ClamdStatus {
@@ -362,10 +371,12 @@ impl Policy {
             self.update_clamd(|s| s.state = "pending");
             // From the write on, clamd may load these (a restart is enough);
             // the ones it has stay until a reload is known to be done.
-            self.clamd_allows
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend(rendered.allowed_hashes().map(str::to_owned));
+            {
+                let mut allows = self.clamd_allows.lock().unwrap_or_else(|e| e.into_inner());
+                let mut more = (**allows).clone();
+                more.extend(rendered.allowed_hashes().map(str::to_owned));
+                *allows = Arc::new(more);
+            }
             let managed = target.managed.clone();
             let to_write = rendered.clone();
             let write =
@@ -425,7 +436,7 @@ impl Policy {
             s.error = None;
         });
         *self.clamd_allows.lock().unwrap_or_else(|e| e.into_inner()) =
-            files.allowed_hashes().map(str::to_owned).collect();
+            Arc::new(files.allowed_hashes().map(str::to_owned).collect());
         *self.written.lock().unwrap_or_else(|e| e.into_inner()) = Some((files, version));
     }
 

@@ -93,6 +93,7 @@ where
         return Err(PipelineError::TooLarge { limit: max_size });
     }
     let started = Instant::now();
+    let clamd_allowed = policy.clamd_allows();
     let mut scans: Vec<Box<dyn EngineScan>> = Vec::with_capacity(engines.len());
     for engine in engines {
         scans.push(engine.begin(declared).await?);
@@ -135,7 +136,7 @@ where
     let verdict = verdict::decide_with_policy(&reports, &sha256, &policy.snapshot());
     if verdict.status == verdict::Status::OK
         && verdict.policy.is_none()
-        && policy.clamd_may_allow(&sha256)
+        && (clamd_allowed.is_some_and(|a| a.contains(&sha256)) || policy.clamd_may_allow(&sha256))
     {
         return Err(PipelineError::PolicyPending);
     }
