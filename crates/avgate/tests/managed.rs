@@ -113,6 +113,31 @@ async fn serve_runs_its_own_clamd_restarts_it_and_stops_it() {
     );
 }
 
+/// A pid file left by a crash (a power loss) may name a process that is
+/// now another clamd: it is stopped only if it runs avgate's own config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_pid_file_naming_another_clamd_leaves_it_alone() {
+    let other = Clamd::start("");
+    let other_pid = other.pid().unwrap();
+    let server = builder("avg-pid");
+    let clamd_dir = server.data_dir().join("clamd");
+    std::fs::create_dir_all(&clamd_dir).unwrap();
+    std::fs::write(clamd_dir.join("clamd.pid"), format!("{other_pid}\n")).unwrap();
+    let server = server.start();
+    server.wait_ready(Duration::from_secs(60)).await;
+    assert!(
+        alive(other_pid.into()),
+        "avgate killed a clamd that was not its own"
+    );
+    let client = reqwest::Client::new();
+    let (status, body) = post_file(&client, &server.url("/scan"), "e.com", EICAR.to_vec()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("FOUND")),
+        "{body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_150_mib_upload_is_streamed_with_bounded_memory() {
     let server = start();

@@ -467,7 +467,12 @@ impl ManagedClamd {
             .and_then(|s| s.trim().parse::<i32>().ok())
         {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "clamd" {
+            // Ours only: after a power loss the pid can belong to another
+            // clamd (the host's clamav-daemon), started with another config.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let config = self.config_path.as_os_str().as_encoded_bytes();
+            let ours = cmdline.split(|&b| b == 0).any(|arg| arg == config);
+            if comm.trim() == "clamd" && ours {
                 tracing::warn!(pid, "stopping a clamd left over from an earlier run");
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),

@@ -80,6 +80,11 @@ impl Clamd {
         clamd
     }
 
+    /// The clamd process's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn address(&self) -> String {
         format!("unix:{}", self.socket.display())
     }
