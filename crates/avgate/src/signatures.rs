@@ -218,13 +218,26 @@ impl Signatures {
                 error = Some(format!("{e:#}"));
             }
         }
-        let managed_address = self.managed.as_ref().map(|m| m.address());
+        // A directory that could not be brought up to date may be half
+        // linked: the managed clamd keeps what it has loaded rather than
+        // load that (the error is in the report, and the next sync retries).
+        let managed_address = self
+            .managed
+            .as_ref()
+            .filter(|_| error.is_none())
+            .map(|m| m.address());
         let external = self.reload_external.load(Ordering::Relaxed);
         let targets: Vec<&Arc<Backend>> = self
             .pool
             .backends()
             .iter()
-            .filter(|b| Some(&b.address) == managed_address.as_ref() || external)
+            .filter(|b| {
+                let managed = self
+                    .managed
+                    .as_ref()
+                    .is_some_and(|m| m.address() == b.address);
+                Some(&b.address) == managed_address.as_ref() || (external && !managed)
+            })
             .collect();
         tracing::info!(
             reason,
