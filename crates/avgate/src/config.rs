@@ -1112,13 +1112,6 @@ enabled = false
         assert!(Config::load(None, both, &public).is_ok());
     }
 
-    fn repo_file(name: &str) -> String {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../..")
-            .join(name);
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-    }
-
     /// `section.key` for every value in `table` (tables of tables walked).
     fn key_paths(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
         for (key, value) in table {
@@ -1165,11 +1158,11 @@ enabled = false
 
     #[test]
     fn the_example_config_is_every_key_at_its_default() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../avgate.example.toml");
+        let path = crate::repo::path("avgate.example.toml");
         let example = Config::load(Some(&path), vec![], &Overrides::default()).unwrap();
         // It says "every key, with its default": loading it changes nothing.
         assert_eq!(example.to_toml(), load_env(&[]).unwrap().to_toml());
-        let (set, commented) = example_keys(&repo_file("avgate.example.toml"));
+        let (set, commented) = example_keys(&crate::repo::read("avgate.example.toml"));
         // data_dir's default depends on $HOME: shown commented out.
         let missing: Vec<String> = keys_with_defaults()
             .into_iter()
@@ -1199,7 +1192,7 @@ enabled = false
 
     #[test]
     fn the_configuration_reference_documents_every_key() {
-        let reference = repo_file("docs/configuration.md");
+        let reference = crate::repo::read("docs/configuration.md");
         // The text of each "### Top level" / "### `[section]`" part.
         let part = |section: &str| -> String {
             let heading = match section {
@@ -1212,7 +1205,7 @@ enabled = false
             let rest = &reference[start + heading.len()..];
             rest[..rest.find("\n### ").unwrap_or(rest.len())].to_owned()
         };
-        let (set, commented) = example_keys(&repo_file("avgate.example.toml"));
+        let (set, commented) = example_keys(&crate::repo::read("avgate.example.toml"));
         let mut keys = keys_with_defaults();
         keys.extend(set);
         keys.extend(commented.into_iter().map(|(key, _)| key));

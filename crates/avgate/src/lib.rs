@@ -42,3 +42,21 @@ pub mod scan;
 pub mod signatures;
 pub mod store;
 pub mod tls;
+
+/// The repository's own files, for the unit tests that hold the docs and
+/// the example configuration to the code.
+#[cfg(test)]
+pub(crate) mod repo {
+    use std::path::PathBuf;
+
+    pub fn path(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(name)
+    }
+
+    pub fn read(name: &str) -> String {
+        let path = path(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+}

@@ -110,13 +110,12 @@ impl Metrics {
             &["version"],
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let kind = r.gauge_vec(
+        let database_info = r.gauge_vec(
             "avgate_database_info",
             "Which signatures the engine runs with (official, test-signatures-only, custom, external); always 1.",
             &["kind"],
         );
-        kind.with_label_values(&[database.as_str()]).set(1);
-        let database_info = kind;
+        database_info.with_label_values(&[database.as_str()]).set(1);
         r.gauge(
             "avgate_scans_max_concurrent",
             "Scans at once (max_concurrent_scans); past it, requests get 503 server_busy.",

@@ -221,22 +221,15 @@ impl Signatures {
         // A directory that could not be brought up to date may be half
         // linked: the managed clamd keeps what it has loaded rather than
         // load that (the error is in the report, and the next sync retries).
-        let managed_address = self
-            .managed
-            .as_ref()
-            .filter(|_| error.is_none())
-            .map(|m| m.address());
+        let managed_address = self.managed.as_ref().map(|m| m.address());
         let external = self.reload_external.load(Ordering::Relaxed);
         let targets: Vec<&Arc<Backend>> = self
             .pool
             .backends()
             .iter()
-            .filter(|b| {
-                let managed = self
-                    .managed
-                    .as_ref()
-                    .is_some_and(|m| m.address() == b.address);
-                Some(&b.address) == managed_address.as_ref() || (external && !managed)
+            .filter(|b| match &managed_address {
+                Some(managed) if *managed == b.address => error.is_none(),
+                _ => external,
             })
             .collect();
         tracing::info!(
@@ -307,7 +300,7 @@ impl Signatures {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        let timeouts = probe_timeouts(self.pool.timeouts());
+        let timeouts = self.pool.timeouts().for_probe();
         let mut events = managed.map(|m| {
             let mut rx = m.subscribe_events();
             rx.borrow_and_update();
@@ -441,15 +434,6 @@ impl StaleWarnings {
             }
         }
         (warn, fresh)
-    }
-}
-
-/// A probe's deadlines: a tiny scan must not wait a whole MaxScanTime.
-fn probe_timeouts(timeouts: Timeouts) -> Timeouts {
-    Timeouts {
-        reply: timeouts.reply.min(Duration::from_secs(10)),
-        io: timeouts.io.min(Duration::from_secs(10)),
-        ..timeouts
     }
 }
 

@@ -78,6 +78,18 @@ pub struct Timeouts {
     pub reply: Duration,
 }
 
+impl Timeouts {
+    /// A health probe's deadlines: a tiny scan must not wait a whole
+    /// MaxScanTime.
+    pub fn for_probe(self) -> Timeouts {
+        Timeouts {
+            reply: self.reply.min(Duration::from_secs(10)),
+            io: self.io.min(Duration::from_secs(10)),
+            ..self
+        }
+    }
+}
+
 impl Default for Timeouts {
     fn default() -> Self {
         Timeouts {

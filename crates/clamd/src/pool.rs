@@ -606,15 +606,9 @@ impl Pool {
     pub async fn probe_all(&self) {
         let probes = self.backends.iter().map(|b| {
             let b = b.clone();
-            let timeouts = self.timeouts;
+            let timeouts = self.timeouts.for_probe();
             async move {
-                // A probe is a tiny scan; it must not wait a whole MaxScanTime.
-                let probe_timeouts = Timeouts {
-                    reply: timeouts.reply.min(Duration::from_secs(10)),
-                    io: timeouts.io.min(Duration::from_secs(10)),
-                    ..timeouts
-                };
-                let _ = b.probe(probe_timeouts).await;
+                let _ = b.probe(timeouts).await;
             }
         });
         futures_join_all(probes).await;
@@ -648,15 +642,9 @@ impl Pool {
                     .cloned()
                     .collect();
                 if !down.is_empty() {
-                    let timeouts = self.timeouts;
+                    let timeouts = self.timeouts.for_probe();
                     let probes = futures_join_all(down.into_iter().map(|b| async move {
-                        let _ = b
-                            .probe(Timeouts {
-                                reply: timeouts.reply.min(Duration::from_secs(10)),
-                                io: timeouts.io.min(Duration::from_secs(10)),
-                                ..timeouts
-                            })
-                            .await;
+                        let _ = b.probe(timeouts).await;
                     }));
                     tokio::select! {
                         _ = &mut stop => return,

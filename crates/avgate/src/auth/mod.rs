@@ -402,16 +402,10 @@ pub(crate) fn audit_path(path: &str) -> String {
     const MAX: usize = 200;
     let mut out = String::with_capacity(path.len().min(MAX + 3));
     let mut rest = path;
-    while let Some(i) = rest.find(token::PREFIX) {
-        out.push_str(&rest[..i]);
-        let candidate = rest.get(i..i + token::TOKEN_LEN);
-        if candidate.is_some_and(|c| Token::parse(c).is_ok()) {
-            out.push_str("avg_***");
-            rest = &rest[i + token::TOKEN_LEN..];
-        } else {
-            out.push_str(token::PREFIX);
-            rest = &rest[i + token::PREFIX.len()..];
-        }
+    while let Some(at) = find_token(rest) {
+        out.push_str(&rest[..at]);
+        out.push_str("avg_***");
+        rest = &rest[at + token::TOKEN_LEN..];
     }
     out.push_str(rest);
     if out.chars().count() > MAX {
@@ -423,8 +417,12 @@ pub(crate) fn audit_path(path: &str) -> String {
 /// Whether `s` (a raw query value) holds a well-formed token. The checksum
 /// keeps `?filename=q3_avg_revenue.csv` from looking like one.
 fn contains_token(s: &str) -> bool {
-    let s = s.replace("%5F", "_").replace("%5f", "_");
-    s.match_indices(token::PREFIX).any(|(i, _)| {
+    find_token(&s.replace("%5F", "_").replace("%5f", "_")).is_some()
+}
+
+/// Where the first well-formed token (checksum and all) starts in `s`.
+fn find_token(s: &str) -> Option<usize> {
+    s.match_indices(token::PREFIX).map(|(i, _)| i).find(|&i| {
         s.get(i..i + token::TOKEN_LEN)
             .is_some_and(|candidate| Token::parse(candidate).is_ok())
     })

@@ -373,13 +373,6 @@ impl IntoResponse for ApiError {
 mod tests {
     use super::*;
 
-    fn repo_file(name: &str) -> String {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../..")
-            .join(name);
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-    }
-
     /// The table rows of `text` (lines starting with `|`) after the line
     /// `header`, up to the first line that is not a row.
     fn table_after<'a>(text: &'a str, header: &str) -> Vec<Vec<&'a str>> {
@@ -407,7 +400,7 @@ mod tests {
 
     #[test]
     fn the_api_reference_lists_every_code_with_its_status_and_no_other() {
-        let api = repo_file("docs/api.md");
+        let api = crate::repo::read("docs/api.md");
         let rows = table_after(&api, "| Code | HTTP | Endpoints | Meaning |");
         let documented: Vec<(String, String)> = rows
             .iter()
@@ -431,7 +424,7 @@ mod tests {
 
     #[test]
     fn the_readme_error_table_has_every_code_under_its_status() {
-        let readme = repo_file("README.md");
+        let readme = crate::repo::read("README.md");
         let rows = table_after(&readme, "| HTTP | code | when |");
         for code in Code::ALL {
             let name = format!("`{}`", code.as_str());

@@ -285,38 +285,38 @@ impl Activity {
     /// Resolves once no request has been in progress for `quiet` since
     /// `from` (or since the last one ended, if later).
     async fn quiet(&self, from: Instant, quiet: Duration) {
-        loop {
-            let (busy, deadline) = {
-                let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                (state.in_progress > 0, state.since.max(from) + quiet)
-            };
-            if busy {
-                // Whatever is in progress has a deadline of its own.
-                tokio::time::sleep(quiet.min(Duration::from_secs(1))).await;
-            } else if Instant::now() >= deadline {
-                return;
-            } else {
-                tokio::time::sleep_until(deadline.into()).await;
-            }
-        }
+        self.quiet_for(Some(from), |_| quiet, quiet.min(Duration::from_secs(1)))
+            .await
     }
 
     /// Resolves once the connection has had no request in progress for
     /// `idle_timeout` (`first_request` before its first request).
     async fn idle(&self, first_request: Duration, idle_timeout: Duration) {
+        let limit = |any_request| match any_request {
+            true => idle_timeout,
+            false => first_request,
+        };
+        self.quiet_for(None, limit, idle_timeout).await
+    }
+
+    /// Resolves once nothing has been in progress for `limit(any request
+    /// yet)` since the last request started or ended (and since `from`).
+    /// While something is, looks again every `recheck`: requests have
+    /// deadlines of their own.
+    async fn quiet_for(
+        &self,
+        from: Option<Instant>,
+        limit: impl Fn(bool) -> Duration,
+        recheck: Duration,
+    ) {
         loop {
             let (busy, deadline) = {
                 let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                let limit = if state.any_request {
-                    idle_timeout
-                } else {
-                    first_request
-                };
-                (state.in_progress > 0, state.since + limit)
+                let since = from.map_or(state.since, |from| state.since.max(from));
+                (state.in_progress > 0, since + limit(state.any_request))
             };
             if busy {
-                // Requests have deadlines of their own; look again later.
-                tokio::time::sleep(idle_timeout).await;
+                tokio::time::sleep(recheck).await;
             } else if Instant::now() >= deadline {
                 return;
             } else {
