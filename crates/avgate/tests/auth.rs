@@ -785,14 +785,7 @@ async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
         more.contains(&format!("--data-dir {}", data.display())),
         "{more}"
     );
-    let out = Command::new("sh").arg("-c").arg(&more).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{more}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pasted = String::from_utf8(out.stdout)
-        .unwrap()
+    let pasted = stdout_of(Command::new("sh").arg("-c").arg(&more))
         .lines()
         .next()
         .unwrap()
@@ -835,19 +828,13 @@ async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
 
     // The CLI, on the same data directory, while the server runs.
     let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_avgate"))
-            .args(["token"])
-            .args(args)
-            .arg("--data-dir")
-            .arg(data)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "avgate token {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        stdout_of(
+            Command::new(env!("CARGO_BIN_EXE_avgate"))
+                .args(["token"])
+                .args(args)
+                .arg("--data-dir")
+                .arg(data),
+        )
     };
     let created = cli(&[
         "create",

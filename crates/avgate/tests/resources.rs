@@ -109,6 +109,14 @@ async fn misbehave(addr: SocketAddr, token: &str, kind: usize, seed: u64) -> Opt
              Content-Type: application/octet-stream\r\nContent-Length: {length}\r\n\r\n"
         )
     };
+    if kind == 7 {
+        // A body that ends before its Content-Length, then waits.
+        let head = raw_head(4000, &auth).replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
+        let answer = send_cut_short_then_read(addr, &head, &random_bytes(1000, seed))
+            .await
+            .unwrap_or_default();
+        return Some(status_line(answer.as_bytes()));
+    }
     let mut stream = TcpStream::connect(addr).await.unwrap();
     match kind {
         // A small upload that breaks off (held until complete, then never).
@@ -166,7 +174,7 @@ async fn misbehave(addr: SocketAddr, token: &str, kind: usize, seed: u64) -> Opt
             read_status(stream, head, b"hello".to_vec()).await
         }
         // A token that does not exist.
-        6 => {
+        _ => {
             let head = raw_head(4, "Authorization: Bearer avg_not-a-real-token\r\n");
             read_status(
                 stream,
@@ -175,23 +183,16 @@ async fn misbehave(addr: SocketAddr, token: &str, kind: usize, seed: u64) -> Opt
             )
             .await
         }
-        // A body that ends before its Content-Length, then waits.
-        _ => {
-            let head = raw_head(4000, &auth).replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n");
-            stream.write_all(head.as_bytes()).await.unwrap();
-            stream.write_all(&random_bytes(1000, seed)).await.unwrap();
-            stream.shutdown().await.unwrap();
-            let mut answer = Vec::new();
-            let _ = stream.read_to_end(&mut answer).await;
-            Some(
-                String::from_utf8_lossy(&answer)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_owned(),
-            )
-        }
     }
+}
+
+/// The first line of an answer (empty if there was none).
+fn status_line(answer: &[u8]) -> String {
+    String::from_utf8_lossy(answer)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned()
 }
 
 /// Sends `head` and `body` (a failed write is fine: avgate may answer and
@@ -207,13 +208,7 @@ async fn read_status(mut stream: TcpStream, head: String, body: Vec<u8>) -> Opti
             Ok(n) => answer.extend_from_slice(&buf[..n]),
         }
     }
-    Some(
-        String::from_utf8_lossy(&answer)
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_owned(),
-    )
+    Some(status_line(&answer))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -778,9 +778,17 @@ mod tests {
     use super::*;
 
     fn pool_of(n: usize, max: usize) -> Arc<Pool> {
-        let configs = (0..n)
-            .map(|i| BackendConfig {
-                address: Address::Tcp(format!("127.0.0.1:{}", 1 + i)),
+        pool_on(
+            (0..n).map(|i| Address::Tcp(format!("127.0.0.1:{}", 1 + i))),
+            max,
+        )
+    }
+
+    fn pool_on(addresses: impl IntoIterator<Item = Address>, max: usize) -> Arc<Pool> {
+        let configs = addresses
+            .into_iter()
+            .map(|address| BackendConfig {
+                address,
                 max_concurrent: max,
             })
             .collect();
@@ -804,13 +812,7 @@ mod tests {
     #[tokio::test]
     async fn a_probe_that_times_out_with_every_slot_busy_leaves_the_backend_up() {
         let (addr, _clamd) = silent_clamd().await;
-        let pool = Pool::new(
-            vec![BackendConfig {
-                address: Address::Tcp(addr),
-                max_concurrent: 1,
-            }],
-            Timeouts::default(),
-        );
+        let pool = pool_on([Address::Tcp(addr)], 1);
         let backend = pool.backends()[0].clone();
         backend.set_health(Health::Up);
         let quick = Timeouts {
@@ -857,13 +859,7 @@ mod tests {
     #[tokio::test]
     async fn health_checks_stop_at_once_even_mid_probe() {
         let (addr, _clamd) = silent_clamd().await;
-        let pool = Pool::new(
-            vec![BackendConfig {
-                address: Address::Tcp(addr),
-                max_concurrent: 1,
-            }],
-            Timeouts::default(),
-        );
+        let pool = pool_on([Address::Tcp(addr)], 1);
         let stop = tokio::time::sleep(Duration::from_millis(200));
         let started = std::time::Instant::now();
         // The probe of a clamd that never answers would wait 10 s.
@@ -877,18 +873,12 @@ mod tests {
 
     #[test]
     fn descriptors_are_tried_again_once_a_unix_backend_is_back_up() {
-        let pool = Pool::new(
-            vec![
-                BackendConfig {
-                    address: Address::Unix("/run/clamd.sock".into()),
-                    max_concurrent: 1,
-                },
-                BackendConfig {
-                    address: Address::Tcp("127.0.0.1:1".into()),
-                    max_concurrent: 1,
-                },
+        let pool = pool_on(
+            [
+                Address::Unix("/run/clamd.sock".into()),
+                Address::Tcp("127.0.0.1:1".into()),
             ],
-            Timeouts::default(),
+            1,
         );
         let (unix, tcp) = (&pool.backends()[0], &pool.backends()[1]);
         unix.set_health(Health::Up);

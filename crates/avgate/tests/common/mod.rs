@@ -635,25 +635,26 @@ pub fn create_token_with_cli(data_dir: &Path, name: &str) -> String {
 
 /// [`create_token_with_cli`] with more `token create` options.
 pub fn create_token_with_cli_args(data_dir: &Path, name: &str, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_avgate"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_avgate"));
+    command
         .args(["token", "create", "--name", name, "--data-dir"])
         .arg(data_dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .to_owned();
+        .args(args);
+    let token = stdout_of(&mut command).lines().next().unwrap().to_owned();
     assert!(token.starts_with("avg_"), "{token}");
     token
+}
+
+/// Runs `command`, which must succeed (else its stderr is the failure);
+/// its stdout.
+pub fn stdout_of(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The body in HTTP/1.1 chunked framing, 64 KiB a chunk.
