@@ -470,6 +470,104 @@ async fn quotas_stop_at_exactly_their_number() {
     gw.stop().await;
 }
 
+/// Another process that holds the state store's write lock (an operator's
+/// `sqlite3` left inside a transaction, a backup tool) must not turn into
+/// verdicts or lost counts. A scan that has to count against a quota waits
+/// for the lock (at most `LOCK_WAIT`, 10 s, queued or not), then gets 503
+/// `store_unavailable` with Retry-After, unscanned; once the lock is gone
+/// the same tokens scan again, and only the answered scans count (also
+/// when a client hung up while its reservation waited).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_store_refuses_quota_scans_with_503_and_counts_nothing() {
+    use avgate::store::sqlite::LOCK_WAIT;
+    let clamd = Clamd::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let (files, files_id) = issue(&store, "files", |o| o.monthly_files = Some(10)).await;
+    let (bytes, bytes_id) = issue(&store, "bytes", |o| {
+        o.monthly_bytes = Some(avgate::config::ByteSize(1_000_000))
+    })
+    .await;
+    let gw = Gateway::start(auth_config(&clamd, dir.path())).await;
+    let month = clock::Month::current();
+    for token in [&files, &bytes] {
+        let (status, body, _) = post(&gw, "/v1/scan", &bearer(token), EICAR).await;
+        assert_eq!((status, body["status"].as_str()), (200, Some("FOUND")));
+    }
+
+    let locker = rusqlite::Connection::open(dir.path().join("avgate.db")).unwrap();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let started = Instant::now();
+    let (files_creds, bytes_creds) = (bearer(&files), bearer(&bytes));
+    // Three at once: one store operation runs, two queue behind it.
+    let (a, b, c) = tokio::join!(
+        post(&gw, "/v1/scan", &files_creds, EICAR),
+        post(&gw, "/v1/scan/raw", &bytes_creds, EICAR),
+        post(&gw, "/v1/scan/batch", &files_creds, EICAR),
+    );
+    let waited = started.elapsed();
+    for (status, body, headers) in [a, b, c] {
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["status"], "ERROR", "{body}");
+        assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+        assert!(body.get("verdict").is_none(), "{body}");
+        assert!(headers.contains_key("retry-after"), "{headers:?}");
+    }
+    // Each waited out the lock, and the queued ones not once per
+    // operation ahead of them (3 x LOCK_WAIT).
+    assert!(
+        waited >= LOCK_WAIT - Duration::from_secs(1) && waited < LOCK_WAIT * 3 / 2,
+        "answered after {waited:?}"
+    );
+
+    // A client that hangs up while its file's reservation waits for the
+    // lock: the reservation, made once the lock is gone, is given back.
+    let hung_up = tokio::spawn({
+        let request = gw
+            .client
+            .post(gw.url("/v1/scan"))
+            .bearer_auth(&files)
+            .multipart(reqwest::multipart::Form::new().part(
+                "file",
+                reqwest::multipart::Part::bytes(EICAR.to_vec()).file_name("f.bin"),
+            ));
+        async move { request.send().await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    hung_up.abort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    locker.execute_batch("ROLLBACK").unwrap();
+    drop(locker);
+
+    for token in [&files, &bytes] {
+        let (status, body, _) = post(&gw, "/v1/scan", &bearer(token), EICAR).await;
+        assert_eq!(
+            (status, body["status"].as_str()),
+            (200, Some("FOUND")),
+            "{body}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let counted = store.usage(&files_id, month).await.unwrap().files;
+        if counted == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{counted} files counted for 2 scanned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let used = store.usage(&bytes_id, month).await.unwrap();
+    assert_eq!(
+        (used.files, used.bytes),
+        (2, 2 * EICAR.len() as u64),
+        "the refused scan was counted"
+    );
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_cannot_take_more_than_its_concurrent_scans() {
     let clamd = Clamd::start("");

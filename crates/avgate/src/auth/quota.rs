@@ -15,6 +15,11 @@
 //! scanned file gives back what it reserved beyond its size; one that was
 //! not scanned gives back all of it.
 //!
+//! A reservation runs to its end in a task of its own: a client that hangs
+//! up while the store is slow drops its request, and a reservation made
+//! after that, with no one left to give it back, would count against the
+//! quota for the rest of the month. The task gives it back instead.
+//!
 //! Every token's use is counted, with or without quotas, so that
 //! `avgate token usage` answers for all of them. A token without quotas
 //! needs no reservation: its scans are counted in memory once done and
@@ -22,6 +27,7 @@
 //! cost the store nothing.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -31,7 +37,7 @@ use super::{store_failed, Auth, Principal, Quotas};
 use crate::http::error::{ApiError, Code};
 use crate::scan::pipeline::BodyError;
 use crate::store::clock::{self, Month};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Seconds a client is told to wait when its token's scans are all busy.
 const CONCURRENCY_RETRY_SECS: u64 = 1;
@@ -150,11 +156,15 @@ impl Meter {
             });
         }
         let limit = t.quotas.monthly_files;
-        if !t
-            .store
-            .reserve_file(&t.id, t.month, limit)
-            .await
-            .map_err(store_failed)?
+        let month = t.month;
+        if !reserve_detached(
+            t.store.clone(),
+            t.id.clone(),
+            move |store, id| async move { store.reserve_file(&id, month, limit).await },
+            move |store, id| async move { store.release_file(&id, month).await },
+        )
+        .await
+        .map_err(store_failed)?
         {
             let max = limit.unwrap_or_default();
             return Err(quota_exceeded(t.month, format!("{max} files")));
@@ -209,11 +219,15 @@ impl ByteBudget {
         // more than its size, so it never crowds out another.
         let ahead = need + seen.min(RESERVE_STEP);
         for amount in [ahead, need] {
-            let granted = self
-                .store
-                .reserve_bytes(&self.id, self.month, amount, self.limit)
-                .await
-                .map_err(|e| BodyError::StoreFailed(e.to_string()))?;
+            let (month, limit) = (self.month, self.limit);
+            let granted = reserve_detached(
+                self.store.clone(),
+                self.id.clone(),
+                move |store, id| async move { store.reserve_bytes(&id, month, amount, limit).await },
+                move |store, id| async move { store.release_bytes(&id, month, amount).await },
+            )
+            .await
+            .map_err(|e| BodyError::StoreFailed(e.to_string()))?;
             if granted {
                 self.counts
                     .lock()
@@ -306,6 +320,38 @@ impl Drop for FileReservation {
             });
         }
     }
+}
+
+/// Runs `reserve` (true: granted) in a task of its own and answers what it
+/// answered. If the caller is gone by then (its request was dropped), a
+/// granted reservation is given back with `give_back` (see the module's
+/// documentation).
+async fn reserve_detached<R, G>(
+    store: Arc<dyn Store>,
+    id: String,
+    reserve: impl FnOnce(Arc<dyn Store>, String) -> R,
+    give_back: impl FnOnce(Arc<dyn Store>, String) -> G + Send + 'static,
+) -> Result<bool, StoreError>
+where
+    R: Future<Output = Result<bool, StoreError>> + Send + 'static,
+    G: Future<Output = Result<(), StoreError>> + Send,
+{
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let reserve = reserve(store.clone(), id.clone());
+    tokio::spawn(async move {
+        let result = reserve.await;
+        let granted = matches!(result, Ok(true));
+        if answer.send(result).is_err() && granted {
+            if let Err(e) = give_back(store, id.clone()).await {
+                tracing::error!(error = %e, token_id = %id, "cannot give back a reservation whose request was dropped");
+            }
+        }
+    });
+    answered.await.unwrap_or_else(|_| {
+        Err(StoreError::Backend(
+            "the quota reservation task ended".into(),
+        ))
+    })
 }
 
 /// Seconds until the month after `month` starts (UTC).

@@ -8,10 +8,15 @@
 //!   same file at once (the CLI while the server runs) do not race.
 //! - One connection behind a mutex; every statement is short and runs on
 //!   the blocking pool, never on an async worker.
+//! - Every operation waits at most [`LOCK_WAIT`] in all, for the mutex and
+//!   for SQLite's lock together. With a busy timeout per statement alone,
+//!   operations queued behind the mutex while another process held the
+//!   file's write lock would each wait it in turn: the hundredth request
+//!   would be answered after a hundred timeouts.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
@@ -23,6 +28,12 @@ use crate::auth::{RateSpec, Scope};
 use crate::policy::{Kind, PolicyRecord};
 
 pub const FILE_NAME: &str = "avgate.db";
+
+/// The longest an operation waits for the store, queued behind others or
+/// for another process's write lock (`avgate token create` holds it for
+/// milliseconds). Past it the operation fails, and a request that needed
+/// it gets `503 store_unavailable`.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// The schema, one step per version. Never edit a released step: add one.
 const MIGRATIONS: &[&str] = &[
@@ -89,7 +100,7 @@ const TOKEN_COLUMNS: &str = "id, name, hash, scope, created_at, expires_at, revo
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<tokio::sync::Mutex<Connection>>,
     path: PathBuf,
 }
 
@@ -120,7 +131,7 @@ impl SqliteStore {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| open_err(e.to_string()))?;
-        conn.busy_timeout(Duration::from_secs(10))
+        conn.busy_timeout(LOCK_WAIT)
             .map_err(|e| open_err(e.to_string()))?;
         // WAL: readers (the CLI, `token usage`) do not block the writer, and
         // a commit appends to the log instead of rewriting pages.
@@ -139,7 +150,7 @@ impl SqliteStore {
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn, &path)?;
         Ok(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(tokio::sync::Mutex::new(conn)),
             path,
         })
     }
@@ -148,19 +159,35 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Runs `f` on the connection, on the blocking pool.
+    /// Runs `f` on the connection, on the blocking pool, waiting at most
+    /// [`LOCK_WAIT`] in all for the connection and SQLite's lock.
     async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+        let deadline = Instant::now() + LOCK_WAIT;
+        let busy = || {
+            StoreError::Backend(format!(
+                "the state store stayed locked for {} s (another process holding a write transaction on {}?)",
+                LOCK_WAIT.as_secs(),
+                self.path.display()
+            ))
+        };
+        let mut conn = tokio::time::timeout(LOCK_WAIT, self.conn.clone().lock_owned())
+            .await
+            .map_err(|_| busy())?;
+        let task = tokio::task::spawn_blocking(move || {
+            // What is left of this operation's wait, for SQLite's lock. At
+            // least a millisecond: 0 would turn the timeout off.
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1));
+            conn.busy_timeout(left).map_err(backend)?;
             f(&mut conn)
-        })
-        .await
-        .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+        });
+        task.await
+            .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
     }
 }
 
@@ -732,7 +759,7 @@ mod tests {
         }
         let version: u32 = store
             .conn
-            .lock()
+            .try_lock()
             .unwrap()
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
