@@ -180,6 +180,122 @@ async fn raw_body_and_batch_endpoints() {
     gw.stop().await;
 }
 
+/// Bodies that two multipart parsers can read differently are how a
+/// scan is got round when the application behind avgate parses the same
+/// request again: avgate would scan a decoy while the application stores
+/// EICAR. Each case below is read that way by some parser in use (first
+/// or last of two parameters or headers, parameter names with case,
+/// RFC 2231 names, backslash escapes, a second boundary, a part cut by
+/// its own boundary). Every one is refused, on both form routes, and a
+/// correct reading of a tricky but unambiguous body finds the EICAR.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_bodies_that_parsers_read_differently_are_refused() {
+    let clamd = Clamd::start("");
+    let gw = Gateway::start(config(&[clamd.address()])).await;
+    let eicar = String::from_utf8(EICAR.to_vec()).unwrap();
+    let part = |headers: &str, content: &str| format!("--B\r\n{headers}\r\n\r\n{content}\r\n");
+    let cd = |params: &str| format!("Content-Disposition: form-data; {params}");
+    let ct = "multipart/form-data; boundary=B";
+    let cases: Vec<(&str, &str, String)> = vec![
+        (
+            "two name parameters",
+            ct,
+            part(&cd(r#"name="decoy"; name="file"; filename="a""#), &eicar)
+                + &part(&cd(r#"name="file"; name="decoy"; filename="b""#), "clean")
+                + "--B--\r\n",
+        ),
+        (
+            "a name parameter in capitals",
+            ct,
+            part(&cd(r#"name="file"; filename="a""#), "clean")
+                + &part(&cd(r#"NAME="decoy"; name="file""#), &eicar)
+                + "--B--\r\n",
+        ),
+        (
+            "two Content-Disposition headers",
+            ct,
+            part(
+                &(cd(r#"name="file"; filename="a""#) + "\r\n" + &cd(r#"name="decoy""#)),
+                &eicar,
+            ) + &part(&cd(r#"name="file"; filename="b""#), "clean")
+                + "--B--\r\n",
+        ),
+        (
+            "two Content-Transfer-Encoding headers",
+            ct,
+            part(
+                &(cd(r#"name="file"; filename="a""#)
+                    + "\r\nContent-Transfer-Encoding: base64\r\nContent-Transfer-Encoding: binary"),
+                "WDVPIVAlQEFQWzRcUFpYNTQoUF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCo=",
+            ) + "--B--\r\n",
+        ),
+        (
+            "name* (RFC 2231)",
+            ct,
+            part(&cd(r#"name="file"; filename="a""#), "clean")
+                + &part(&cd("name*=UTF-8''file"), &eicar)
+                + "--B--\r\n",
+        ),
+        (
+            "a backslash before a quote",
+            ct,
+            part(&cd(r#"name="file"; filename="a""#), "clean")
+                + &part(&cd(r#"name="decoy"; filename="\"; name=\"file""#), &eicar)
+                + "--B--\r\n",
+        ),
+        (
+            "two boundary parameters",
+            "multipart/form-data; boundary=A; boundary=B",
+            format!("--A\r\n{}\r\n\r\nclean\r\n--A--\r\n", cd(r#"name="file""#))
+                + &part(&cd(r#"name="file""#), &eicar)
+                + "--B--\r\n",
+        ),
+        (
+            "text after the closing boundary",
+            ct,
+            part(&cd(r#"name="file"; filename="a""#), "clean") + "--B--" + &eicar + "\r\n",
+        ),
+        (
+            "the boundary inside a part",
+            ct,
+            part(&cd(r#"name="file"; filename="a""#), &format!("clean\r\n--Bx{eicar}"))
+                + "--B--\r\n",
+        ),
+        (
+            "a folded header line",
+            ct,
+            part("Content-Disposition: form-data; name=\"decoy\";\r\n name=\"file\"", &eicar)
+                + "--B--\r\n",
+        ),
+    ];
+    for (what, content_type, body) in cases {
+        for path in ["/v1/scan", "/v1/scan/batch"] {
+            let (status, json) = gw
+                .post_raw(path, content_type, body.clone().into_bytes())
+                .await;
+            let code = json["error"]["code"].as_str().unwrap_or("");
+            assert!(
+                status == 400 && ["invalid_multipart", "invalid_content_type"].contains(&code),
+                "{what} on {path}: {status} {json}"
+            );
+        }
+    }
+
+    // "name=" inside another parameter's quoted value is part of that
+    // value: the part named "file" is the EICAR one, and is found.
+    let body = part(&cd(r#"filename="x; name=file;"; name="decoy""#), "clean")
+        + &part(&cd(r#"filename="x; name=decoy;"; name="file""#), &eicar)
+        + "--B--\r\n";
+    let (status, json) = gw.post_raw("/v1/scan", ct, body.into_bytes()).await;
+    assert_eq!(
+        (status, json["status"].as_str()),
+        (200, Some("FOUND")),
+        "{json}"
+    );
+    assert_eq!(json["filename"], "x; name=decoy;", "{json}");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_one_json_error_shape() {
     let clamd = Clamd::start("");

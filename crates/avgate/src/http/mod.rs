@@ -4,6 +4,7 @@ pub mod admin;
 pub mod error;
 pub mod health;
 pub mod linger;
+pub mod multipart;
 pub mod observe;
 pub mod policy;
 pub mod redirect;

@@ -7,11 +7,11 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use futures_util::{StreamExt, TryStreamExt};
-use multer::{Constraints, Multipart, SizeLimit};
 use serde::Serialize;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::error::{ApiError, Code};
+use super::multipart::{self, Field, Multipart};
 use super::observe::ScanContext;
 use super::AppState;
 use crate::auth::quota::Meter;
@@ -21,6 +21,9 @@ use crate::scan::filename;
 use crate::scan::pipeline::{self, BodyError, ScanResult};
 use crate::scan::verdict::Status;
 use crate::scan::SizeHint;
+
+/// The form field that holds the file.
+const FILE_FIELD: &str = "file";
 
 /// Room for multipart boundaries and part headers on top of the files.
 const MULTIPART_OVERHEAD: u64 = 64 * 1024;
@@ -44,7 +47,11 @@ pub async fn scan_one(
                         "POST /v1/scan takes one part named \"file\"; use /v1/scan/batch for several",
                     ));
                 }
-                let name = field.file_name().and_then(filename::sanitize);
+                let name = field
+                    .headers
+                    .filename
+                    .as_deref()
+                    .and_then(filename::sanitize);
                 let body = field_stream(field);
                 // The part is no larger than the request around it.
                 let size = SizeHint::within(request_length);
@@ -92,7 +99,11 @@ pub async fn scan_batch(
             )
             .with_extra("results", partial(&results)));
         }
-        let name = field.file_name().and_then(filename::sanitize);
+        let name = field
+            .headers
+            .filename
+            .as_deref()
+            .and_then(filename::sanitize);
         let body = field_stream(field);
         let size = SizeHint::within(request_length);
         match scan_file(&state, &meter, &observe, name, body, size).await {
@@ -276,14 +287,14 @@ fn percent_decode(s: &str) -> Option<String> {
 
 /// A multipart form being read, with every limit in place.
 struct Form {
-    multipart: Multipart<'static>,
+    multipart: Multipart,
     parts: usize,
     max_parts: usize,
     _slot: OwnedSemaphorePermit,
 }
 
 enum Part {
-    File(Box<multer::Field<'static>>),
+    File(Box<Field>),
     /// Any other part; already drained.
     Other,
 }
@@ -292,17 +303,14 @@ impl Form {
     fn open(state: &AppState, request: Request, max_files: u64) -> Result<Form, ApiError> {
         let limits = &state.limits;
         let headers = request.headers();
-        let Some(ct) = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-        else {
+        let Some(ct) = headers.get(header::CONTENT_TYPE) else {
             return Err(ApiError::new(Code::InvalidContentType,
                 "expected Content-Type: multipart/form-data with a part named \"file\" (or POST the bytes to /v1/scan/raw)",
             ));
         };
-        let boundary = multer::parse_boundary(ct).map_err(|_| {
+        let boundary = multipart::boundary(ct.as_bytes()).map_err(|why| {
             ApiError::new(Code::InvalidContentType,
-                format!("expected Content-Type: multipart/form-data with a boundary, got {ct:?} (raw bodies go to POST /v1/scan/raw)"),
+                format!("expected Content-Type: multipart/form-data with one boundary, got {:?}: {why} (raw bodies go to POST /v1/scan/raw)", String::from_utf8_lossy(ct.as_bytes())),
             )
         })?;
         let max_body = limits
@@ -324,17 +332,6 @@ impl Form {
             });
         }
         let slot = scan_slot(state)?;
-        let constraints = Constraints::new().size_limit(
-            SizeLimit::new()
-                .whole_stream(max_body)
-                .per_field(limits.max_field_size)
-                // Our own counter answers 413 for the file, with its limit
-                // (file_too_large). multer counts ahead of what it has
-                // handed us, so any limit of its own on the file would
-                // sometimes refuse first, as request_too_large; the
-                // whole-stream limit above still bounds the request.
-                .for_field("file", u64::MAX),
-        );
         let body: Body = request.into_body();
         let body = MinRate::new(
             body.into_data_stream()
@@ -342,7 +339,10 @@ impl Form {
             state.perimeter.min_upload_rate,
             state.perimeter.min_upload_window,
         );
-        let multipart = Multipart::with_constraints(body, boundary, constraints);
+        // The file's own limit is the pipeline's (file_too_large, with its
+        // limit); max_body still bounds the request.
+        let multipart =
+            Multipart::new(body, &boundary, max_body, limits.max_field_size, FILE_FIELD);
         Ok(Form {
             multipart,
             parts: 0,
@@ -362,70 +362,63 @@ impl Form {
                 format!("at most {} parts per request", self.max_parts),
             ));
         }
-        if field.name() == Some("file") {
+        if field.headers.name == FILE_FIELD {
             // The part's bytes are what gets scanned. An encoded part
             // (base64, quoted-printable) would be scanned as its encoding
             // while a consumer that decodes it gets something else, so it
             // is refused; RFC 7578 deprecates the header for form data
             // and no browser or curl sends it.
-            if let Some(cte) = field.headers().get("content-transfer-encoding") {
-                let identity = cte.to_str().is_ok_and(|v| {
-                    ["7bit", "8bit", "binary"]
-                        .iter()
-                        .any(|ok| v.trim().eq_ignore_ascii_case(ok))
-                });
+            if let Some(cte) = &field.headers.transfer_encoding {
+                let identity = ["7bit", "8bit", "binary"]
+                    .iter()
+                    .any(|ok| cte.eq_ignore_ascii_case(ok));
                 if !identity {
                     return Err(ApiError::new(
                         Code::InvalidMultipart,
                         format!(
-                            "the file part has Content-Transfer-Encoding: {}; send its bytes as they are (no encoding)",
-                            String::from_utf8_lossy(cte.as_bytes())
+                            "the file part has Content-Transfer-Encoding: {cte}; send its bytes as they are (no encoding)"
                         ),
                     )
-                    .with_filename(field.file_name().and_then(filename::sanitize)));
+                    .with_filename(field.headers.filename.as_deref().and_then(filename::sanitize)));
                 }
             }
             return Ok(Some(Part::File(Box::new(field))));
         }
         // Other form fields are read and dropped (bounded by max_field_size).
-        while field.chunk().await.map_err(multipart_error)?.is_some() {}
+        while let Some(chunk) = field.next().await {
+            chunk.map_err(multipart_error)?;
+        }
         Ok(Some(Part::Other))
     }
 }
 
 fn field_stream(
-    field: Box<multer::Field<'static>>,
+    field: Box<Field>,
 ) -> impl futures_util::Stream<Item = Result<bytes::Bytes, BodyError>> {
     field.map(|r| r.map_err(body_error))
 }
 
-fn body_error(e: multer::Error) -> BodyError {
+fn body_error(e: multipart::Error) -> BodyError {
     match e {
-        // Our own body errors (too slow, read failure) come back wrapped.
-        multer::Error::StreamReadFailed(inner) => match inner.downcast::<BodyError>() {
-            Ok(body) => *body,
-            Err(other) => BodyError::Read(other.to_string()),
-        },
-        multer::Error::FieldSizeExceeded { .. } | multer::Error::StreamSizeExceeded { .. } => {
-            BodyError::TooLarge
-        }
-        other => BodyError::Multipart(other.to_string()),
+        multipart::Error::Body(body) => body,
+        multipart::Error::FieldTooLarge | multipart::Error::RequestTooLarge => BodyError::TooLarge,
+        multipart::Error::Malformed(why) => BodyError::Multipart(why.0),
     }
 }
 
-fn multipart_error(e: multer::Error) -> ApiError {
+fn multipart_error(e: multipart::Error) -> ApiError {
     match e {
-        multer::Error::StreamReadFailed(_) => pipeline::PipelineError::Body(body_error(e)).into(),
-        multer::Error::FieldSizeExceeded { .. } => {
+        multipart::Error::Body(body) => pipeline::PipelineError::Body(body).into(),
+        multipart::Error::FieldTooLarge => {
             ApiError::new(Code::FieldTooLarge, "a form field is larger than the limit")
         }
-        multer::Error::StreamSizeExceeded { .. } => ApiError::new(
+        multipart::Error::RequestTooLarge => ApiError::new(
             Code::RequestTooLarge,
             "the request is larger than the limit",
         ),
-        other => ApiError::new(
+        multipart::Error::Malformed(why) => ApiError::new(
             Code::InvalidMultipart,
-            format!("malformed multipart body: {other}"),
+            format!("malformed multipart body: {why}"),
         ),
     }
 }
