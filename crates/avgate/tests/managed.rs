@@ -113,6 +113,74 @@ async fn serve_runs_its_own_clamd_restarts_it_and_stops_it() {
     );
 }
 
+/// One avgate per data directory: a second one (started by mistake, or a
+/// second container on the same volume) is refused before it touches
+/// anything, and the first keeps its clamd and clamd's temporary files.
+/// clamd's temporary directory, removed while clamd runs, is made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_avgate_on_the_same_data_dir_is_refused_and_touches_nothing() {
+    let first = builder("avg-one").start();
+    let ready = first.wait_ready(Duration::from_secs(60)).await;
+    let clamd_pid = ready["managed_clamd"]["pid"].as_i64().unwrap();
+    let tmp = first.data.join("clamd/tmp");
+    std::fs::write(tmp.join("spooled-upload"), "x").unwrap();
+    let conf = std::fs::read(first.data.join("clamd/clamd.conf")).unwrap();
+
+    let mut second = builder("avg-two")
+        .reuse_data_dir(&first.data)
+        .stderr_to_file()
+        .start();
+    let status = second.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let stderr = second.stderr_text();
+    assert!(
+        stderr.contains("another avgate is running with the data directory"),
+        "{stderr}"
+    );
+    assert!(
+        alive(clamd_pid),
+        "the second avgate killed the first one's clamd"
+    );
+    assert!(
+        tmp.join("spooled-upload").exists(),
+        "the second avgate emptied clamd's temporary directory"
+    );
+    assert_eq!(
+        std::fs::read(first.data.join("clamd/clamd.conf")).unwrap(),
+        conf
+    );
+    let (status, body) =
+        post_file(&first.client, &first.url("/scan"), "e.com", EICAR.to_vec()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("FOUND")),
+        "{body}"
+    );
+
+    // The temporary directory goes away under clamd (by hand, a cleaner):
+    // it is made again, and once clamd passes a probe again archives,
+    // which clamd extracts there, are scanned again.
+    std::fs::remove_dir_all(&tmp).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !tmp.is_dir() {
+        assert!(std::time::Instant::now() < deadline, "not made again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first
+        .wait_until(Duration::from_secs(10), "ready again", |s, _| s == 200)
+        .await;
+    let zip = std::fs::read(Path::new(TESTFILES).join("clam.zip")).unwrap();
+    let (status, body) = post_file(&first.client, &first.url("/scan"), "clam.zip", zip).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("FOUND")),
+        "{body}"
+    );
+    assert!(first
+        .log_text()
+        .contains("temporary directory was removed while clamd ran"));
+}
+
 /// A pid file left by a crash (a power loss) may name a process that is
 /// now another clamd: it is stopped only if it runs avgate's own config.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

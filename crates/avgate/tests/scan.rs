@@ -411,6 +411,61 @@ async fn bad_requests_get_one_json_error_shape() {
     let r = gw.client.get(gw.url("/v1/scan")).send().await.unwrap();
     assert_error(&json(r).await, 405, "method_not_allowed");
 
+    // Encoded bodies would be scanned as sent and stored decoded by
+    // whoever decodes them (clamd does not unpack deflate): refused.
+    let form = multipart_body(b, &[("file", Some(&b"a"[..]), EICAR)]);
+    let raw = |path: &str, ct: &str, coding: &str, body: &[u8]| {
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {ct}\r\n{coding}\r\n"
+        );
+        if !coding.starts_with("Transfer-Encoding") {
+            request += &format!("Content-Length: {}\r\n", body.len());
+        }
+        request + "\r\n"
+    };
+    for (path, ct, coding, body) in [
+        (
+            "/v1/scan/raw",
+            "application/octet-stream",
+            "Content-Encoding: deflate",
+            EICAR.to_vec(),
+        ),
+        (
+            "/v1/scan",
+            mp.as_str(),
+            "Content-Encoding: gzip",
+            form.clone(),
+        ),
+        (
+            "/v1/scan/batch",
+            mp.as_str(),
+            "Content-Encoding: identity, br",
+            form.clone(),
+        ),
+        (
+            "/v1/scan/raw",
+            "application/octet-stream",
+            "Transfer-Encoding: gzip, chunked",
+            chunked(EICAR),
+        ),
+    ] {
+        let answer = send_all_then_read(gw.addr, &raw(path, ct, coding, &body), &body)
+            .await
+            .unwrap();
+        assert_raw_error(&answer, 415, "unsupported_encoding");
+    }
+    let identity = raw(
+        "/v1/scan/raw",
+        "application/octet-stream",
+        "Content-Encoding: identity",
+        EICAR,
+    );
+    let answer = send_all_then_read(gw.addr, &identity, EICAR).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200 ") && answer.contains("\"FOUND\""),
+        "{answer}"
+    );
+
     // The encoded part's error names the file, as errors about a file do.
     let encoded = format!(
         "--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"e.com\"\r\n\

@@ -65,6 +65,7 @@ pub enum Code {
     PolicyRemoved,
     PolicyPending,
     HttpsRequired,
+    UnsupportedEncoding,
 }
 
 impl Code {
@@ -106,6 +107,7 @@ impl Code {
         Code::PolicyRemoved,
         Code::PolicyPending,
         Code::HttpsRequired,
+        Code::UnsupportedEncoding,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -147,6 +149,7 @@ impl Code {
             Code::PolicyRemoved => "policy_removed",
             Code::PolicyPending => "policy_pending",
             Code::HttpsRequired => "https_required",
+            Code::UnsupportedEncoding => "unsupported_encoding",
         }
     }
 
@@ -189,6 +192,7 @@ impl Code {
             Code::PolicyRemoved => StatusCode::CONFLICT,
             Code::PolicyPending => StatusCode::SERVICE_UNAVAILABLE,
             Code::HttpsRequired => StatusCode::FORBIDDEN,
+            Code::UnsupportedEncoding => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 }

@@ -131,6 +131,7 @@ pub async fn scan_raw(
 ) -> Result<Response, ApiError> {
     let max = state.limits.max_size;
     let headers = request.headers();
+    refuse_encoded_body(headers)?;
     match content_type(headers) {
         None => {}
         Some(ct) if ct == "application/octet-stream" => {}
@@ -230,6 +231,41 @@ fn scan_slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
         .map_err(|_| ApiError::server_busy())
 }
 
+/// Refuses a body with a content coding (gzip, deflate...) or a transfer
+/// coding other than chunked. avgate would scan the encoded bytes, while a
+/// proxy or application that decodes the body stores something else (clamd
+/// unpacks gzip, but not zlib or raw deflate).
+fn refuse_encoded_body(headers: &HeaderMap) -> Result<(), ApiError> {
+    let codings = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .map(|c| String::from_utf8_lossy(c.trim_ascii()).to_ascii_lowercase())
+            .filter(|c| !c.is_empty())
+            .collect::<Vec<_>>()
+    };
+    if let Some(coding) = codings(header::CONTENT_ENCODING)
+        .into_iter()
+        .find(|c| c != "identity")
+    {
+        return Err(ApiError::new(
+            Code::UnsupportedEncoding,
+            format!("Content-Encoding: {coding} is not accepted: avgate scans the bytes as sent, so send the file itself, not encoded"),
+        ));
+    }
+    if let Some(coding) = codings(header::TRANSFER_ENCODING)
+        .into_iter()
+        .find(|c| c != "chunked")
+    {
+        return Err(ApiError::new(
+            Code::UnsupportedEncoding,
+            format!("Transfer-Encoding: {coding} is not accepted (only chunked): avgate scans the bytes as sent"),
+        ));
+    }
+    Ok(())
+}
+
 fn content_type(headers: &HeaderMap) -> Option<String> {
     headers
         .get(header::CONTENT_TYPE)
@@ -303,6 +339,7 @@ impl Form {
     fn open(state: &AppState, request: Request, max_files: u64) -> Result<Form, ApiError> {
         let limits = &state.limits;
         let headers = request.headers();
+        refuse_encoded_body(headers)?;
         let Some(ct) = headers.get(header::CONTENT_TYPE) else {
             return Err(ApiError::new(Code::InvalidContentType,
                 "expected Content-Type: multipart/form-data with a part named \"file\" (or POST the bytes to /v1/scan/raw)",

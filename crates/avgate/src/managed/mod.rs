@@ -102,8 +102,14 @@ pub struct ManagedClamd {
     /// StreamMaxLength written into its config.
     pub stream_max_length: u64,
     pub max_threads: usize,
-    /// clamd's TemporaryDirectory: emptied at start, removed at stop.
+    /// clamd's TemporaryDirectory: emptied at every start of clamd,
+    /// removed at stop.
     temp_dir: PathBuf,
+    /// The lock on `temp_dir` (see [`TempDir`]).
+    temp_lock: Mutex<Option<std::fs::File>>,
+    /// The lock on the data directory's `clamd/`, held for the process's
+    /// life: one avgate per data directory.
+    _instance_lock: std::fs::File,
     backoff_max: Duration,
     layout: DatabaseLayout,
     update_mode: UpdateMode,
@@ -127,6 +133,16 @@ impl ManagedClamd {
         let dir = config.data_dir.join("clamd");
         create_private_dir(&config.data_dir)?;
         create_private_dir(&dir)?;
+        // Before anything here is touched: a second avgate on the same data
+        // directory would rewrite clamd.conf, empty the first one's
+        // temporary directory and kill its clamd as "left over".
+        let instance_lock = lock_file(&dir.join("avgate.lock")).map_err(|e| match e {
+            LockError::Held => anyhow::anyhow!(
+                "another avgate is running with the data directory {}; give each avgate its own --data-dir",
+                config.data_dir.display()
+            ),
+            LockError::Io(e) => anyhow::anyhow!("cannot lock {}: {e}", dir.join("avgate.lock").display()),
+        })?;
 
         let update_mode = updates::decide(config, &dir)?;
         let layout = DatabaseLayout {
@@ -167,7 +183,7 @@ impl ManagedClamd {
         // clamd spools each stream to a temporary file: keep those in our
         // private directory, and clear what a killed clamd left behind.
         let tmp = temp_dir(config, &dir);
-        make_temp_dir(&tmp)?;
+        let temp_lock = make_temp_dir(&tmp)?;
         warn_if_temp_space_short(&tmp, stream_max_length, config.managed.max_threads);
         let conf = clamd_conf(
             config,
@@ -203,6 +219,8 @@ impl ManagedClamd {
             stream_max_length,
             max_threads: config.managed.max_threads,
             temp_dir: tmp,
+            temp_lock: Mutex::new(Some(temp_lock)),
+            _instance_lock: instance_lock,
             backoff_max: config.managed.restart_backoff_max.0,
             synced: Mutex::new(Some(layout.fingerprint())),
             syncing: Mutex::new(()),
@@ -372,6 +390,12 @@ impl ManagedClamd {
         let mut backoff = BACKOFF_START;
         loop {
             self.clean_up_stale().await;
+            // What a clamd that died left there (spooled uploads) is
+            // litter now; and a directory removed under it (by hand, by a
+            // cleaner) would keep a new one from starting at all.
+            if let Err(e) = self.renew_temp_dir() {
+                tracing::error!(error = %e, "cannot make clamd's temporary directory");
+            }
             // The directory as it is now: a clamd that starts loads the
             // newest files itself, and an update owed while it was down
             // needs no reload (nor a second engine's memory) once it is up.
@@ -399,8 +423,18 @@ impl ManagedClamd {
                 s.state = "running";
                 s.pid = pid;
             });
-            tokio::select! {
-                exit = child.wait() => {
+            let mut check = tokio::time::interval(TEMP_DIR_CHECK);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            check.tick().await;
+            let exit = loop {
+                tokio::select! {
+                    exit = child.wait() => break Some(exit),
+                    _ = stop.cancelled() => break None,
+                    _ = check.tick() => self.keep_temp_dir(),
+                }
+            };
+            match exit {
+                Some(exit) => {
                     let why = match exit {
                         Ok(status) => status.to_string(),
                         Err(e) => e.to_string(),
@@ -421,7 +455,7 @@ impl ManagedClamd {
                     }
                     backoff = (backoff * 2).min(self.backoff_max);
                 }
-                _ = stop.cancelled() => {
+                None => {
                     terminate(&mut child).await;
                     break;
                 }
@@ -429,11 +463,38 @@ impl ManagedClamd {
         }
         // No litter in a shared directory such as /dev/shm.
         let _ = std::fs::remove_dir_all(&self.temp_dir);
+        *self.temp_lock.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.update(|s| {
             s.state = "stopped";
             s.pid = None;
         });
         tracing::info!("managed clamd stopped");
+    }
+
+    /// Empties clamd's temporary directory (made anew, locked anew).
+    fn renew_temp_dir(&self) -> anyhow::Result<()> {
+        let mut held = self.temp_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Our own lock would make the directory look taken.
+        *held = None;
+        *held = Some(make_temp_dir(&self.temp_dir)?);
+        Ok(())
+    }
+
+    /// Makes clamd's temporary directory again if it went away while
+    /// clamd runs. Without it clamd 1.4 cannot make its per-scan
+    /// directories, fails some scans in ways that can read as clean, and
+    /// cannot start again. (Files it has open there are gone with it.)
+    fn keep_temp_dir(&self) {
+        if self.temp_dir.is_dir() {
+            return;
+        }
+        tracing::error!(
+            dir = %self.temp_dir.display(),
+            "clamd's temporary directory was removed while clamd ran; making it again"
+        );
+        if let Err(e) = self.renew_temp_dir() {
+            tracing::error!(error = %e, "cannot make clamd's temporary directory");
+        }
     }
 
     fn spawn(&self) -> anyhow::Result<Child> {
@@ -517,7 +578,13 @@ async fn forward_lines(
 
 /// How loud a line of clamd's own log is in ours.
 fn clamd_line_level(line: &str) -> tracing::Level {
-    if line.contains("ERROR") || line.contains("WARNING") {
+    // clamd's own lines say ERROR / WARNING; libclamav's say "LibClamAV
+    // Error:" (the one that names a signature file it cannot load).
+    if line.contains("ERROR")
+        || line.contains("WARNING")
+        || line.contains("LibClamAV Error")
+        || line.contains("LibClamAV Warning")
+    {
         tracing::Level::WARN
     } else if line.ends_with("FOUND") {
         // Per-scan detections (the readiness probe's too): avgate logs
@@ -652,8 +719,24 @@ fn temp_dir(config: &Config, clamd_dir: &Path) -> PathBuf {
 /// symlink or a directory of theirs at this (predictable) name, to read
 /// the uploads clamd spools: `remove_dir_all` removes a symlink, not its
 /// target, and the directory is then created by us, never found.
-fn make_temp_dir(tmp: &Path) -> anyhow::Result<()> {
+///
+/// The directory is locked (flock) while avgate uses it, and one that
+/// another avgate holds is refused, not emptied: two avgates in containers
+/// that share `/dev/shm` and have the same data directory path would
+/// otherwise share it, and one would delete the files (and at its stop the
+/// directory) of the other's clamd.
+fn make_temp_dir(tmp: &Path) -> anyhow::Result<std::fs::File> {
     use std::os::unix::fs::DirBuilderExt;
+    if tmp.is_dir() && !tmp.is_symlink() {
+        match lock_file(tmp) {
+            Ok(_free) => {}
+            Err(LockError::Held) => bail!(
+                "clamd's temporary directory {} is in use by another avgate (the same data directory path with the same managed.temp_dir on a shared file system); give this one another managed.temp_dir or data_dir",
+                tmp.display()
+            ),
+            Err(LockError::Io(_)) => {}
+        }
+    }
     let _ = std::fs::remove_dir_all(tmp);
     // A shared parent such as /dev/shm is world-writable by design: only
     // a missing one is made (private).
@@ -668,7 +751,46 @@ fn make_temp_dir(tmp: &Path) -> anyhow::Result<()> {
                 "cannot create clamd's temporary directory {} (something there could not be removed)",
                 tmp.display()
             )
-        })
+        })?;
+    lock_file(tmp).map_err(|e| match e {
+        LockError::Held => anyhow::anyhow!(
+            "{} was locked by another avgate as it was made",
+            tmp.display()
+        ),
+        LockError::Io(e) => anyhow::anyhow!("cannot lock {}: {e}", tmp.display()),
+    })
+}
+
+/// How often the supervisor checks that clamd's temporary directory is
+/// still there.
+const TEMP_DIR_CHECK: Duration = Duration::from_secs(2);
+
+enum LockError {
+    Held,
+    Io(std::io::Error),
+}
+
+/// An exclusive, non-blocking flock on a file (created 0600 if missing) or
+/// a directory; held while the returned handle is open. The kernel drops
+/// it when the process ends, however it ends.
+fn lock_file(path: &Path) -> Result<std::fs::File, LockError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = if path.is_dir() {
+        std::fs::File::open(path)
+    } else {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+    }
+    .map_err(LockError::Io)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(LockError::Held),
+        Err(e) => Err(LockError::Io(e.into())),
+    }
 }
 
 /// Free and total bytes of the file system holding a directory.
@@ -822,11 +944,37 @@ mod tests {
                 Level::WARN,
             ),
             ("ERROR: Can't open/parse the config file", Level::WARN),
+            (
+                "LibClamAV Error: Can't load /d/db/broken.ndb: Malformed database",
+                Level::WARN,
+            ),
+            (
+                "LibClamAV Error: Can't create temporary directory for scan: /d/tmp/x",
+                Level::WARN,
+            ),
             // A warning about a feature is still a warning.
             ("WARNING: Bytecode support disabled.", Level::WARN),
         ] {
             assert_eq!(clamd_line_level(line), level, "{line}");
         }
+    }
+
+    #[test]
+    fn a_temporary_directory_another_avgate_holds_is_refused_not_emptied() {
+        let base = tempfile::tempdir().unwrap();
+        let tmp = base.path().join("avgate-clamd-0000");
+        let theirs = make_temp_dir(&tmp).unwrap();
+        std::fs::write(tmp.join("spooled"), "x").unwrap();
+        let err = make_temp_dir(&tmp).unwrap_err();
+        assert!(
+            err.to_string().contains("in use by another avgate"),
+            "{err}"
+        );
+        assert!(tmp.join("spooled").exists());
+        // Once its holder is gone, it is taken over, emptied.
+        drop(theirs);
+        let _ours = make_temp_dir(&tmp).unwrap();
+        assert!(!tmp.join("spooled").exists());
     }
 
     #[test]
