@@ -173,7 +173,20 @@ impl DatabaseLayout {
         for (name, content) in TEST_SIGNATURES {
             let path = self.dir.join(name);
             if with_test_signatures {
-                if std::fs::read_to_string(&path).ok().as_deref() != Some(*content) {
+                // Dated by age_out while custom signatures were there: now
+                // they date the database again, so they must not look
+                // decades old (a stale_database that only a restart would
+                // clear).
+                let aged_out = kind != DatabaseKind::Custom
+                    && std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| {
+                            t <= std::time::UNIX_EPOCH
+                                + std::time::Duration::from_secs(
+                                    crate::policy::clamd::AGED_OUT_SECS,
+                                )
+                        });
+                if aged_out || std::fs::read_to_string(&path).ok().as_deref() != Some(*content) {
                     write_atomically(&path, content.as_bytes())?;
                     changed = true;
                 }
@@ -467,6 +480,21 @@ mod tests {
             newest <= old + std::time::Duration::from_secs(1),
             "a 30-day-old custom database looks fresh"
         );
+    }
+
+    #[test]
+    fn without_the_custom_signatures_the_test_files_date_the_database_again() {
+        let d = dirs(true);
+        let l = &d.layout;
+        let custom = l.freshclam_dir.as_ref().unwrap().join("custom.ndb");
+        std::fs::write(&custom, "x").unwrap();
+        assert_eq!(l.sync().unwrap().kind, DatabaseKind::Custom);
+        std::fs::remove_file(&custom).unwrap();
+        let report = l.sync().unwrap();
+        assert_eq!(report.kind, DatabaseKind::TestSignaturesOnly);
+        let newest = clamd::database::newest_signature_mtime(&l.dir).unwrap();
+        let age = std::time::SystemTime::now().duration_since(newest).unwrap();
+        assert!(age < std::time::Duration::from_secs(60), "{age:?} old");
     }
 
     #[test]

@@ -136,6 +136,9 @@ pub fn write(dir: &dyn Directory, files: &Files) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How far after the epoch [`age_out`] dates a file.
+pub(crate) const AGED_OUT_SECS: u64 = 1;
+
 /// Dates a file at the epoch. For an unsigned database the age that
 /// readiness checks is that of the newest signature file: avgate's probe
 /// signature must not make a stale database look fresh.
@@ -143,7 +146,7 @@ pub(crate) fn age_out(path: &Path) {
     let result = std::fs::File::options()
         .write(true)
         .open(path)
-        .and_then(|f| f.set_modified(UNIX_EPOCH + Duration::from_secs(1)));
+        .and_then(|f| f.set_modified(UNIX_EPOCH + Duration::from_secs(AGED_OUT_SECS)));
     if let Err(e) = result {
         tracing::warn!(path = %path.display(), error = %e, "cannot date the probe signature file");
     }
