@@ -238,6 +238,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             if let Some(backend) = &backend {
                 let why = std::io::Error::other("the managed clamd exited");
                 backend.mark_down(&clamd::Error::Io(why));
+                // The next clamd loads the directory as it is then.
+                backend.database_reloaded();
             }
         };
         tokio::spawn(m.supervise(clamd_stop.clone(), on_exit))

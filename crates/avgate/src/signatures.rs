@@ -325,6 +325,7 @@ impl Signatures {
                     if let Some(m) = managed {
                         m.record_signatures(signatures);
                     }
+                    backend.database_reloaded();
                     detail = Some(format!("{signatures} signatures"));
                 }
                 Ok(None) => detail = Some("clamd was restarted meanwhile".into()),

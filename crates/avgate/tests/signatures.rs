@@ -413,7 +413,8 @@ async fn managed_test_signatures_are_dated_by_their_files() {
         .to_owned();
     assert_eq!(db, root.path().join("data/clamd/db"));
 
-    // Four days without an update: not ready, with the reason.
+    // Four days without an update (the files dated back, then reloaded:
+    // the date is that of what clamd loaded): not ready, with the reason.
     let files: Vec<PathBuf> = ["avgate-test.ndb", "avgate-test.hdb"]
         .iter()
         .map(|f| db.join(f))
@@ -421,20 +422,49 @@ async fn managed_test_signatures_are_dated_by_their_files() {
     for f in &files {
         set_mtime(f, SystemTime::now() - Duration::from_secs(4 * 86_400));
     }
+    let reload = |why: &'static str| {
+        let signatures = gw.state().signatures.clone();
+        async move { signatures.reload(why).await }
+    };
+    assert!(reload("test: dated back").await.ok);
     let stale = gw
         .wait_for("/readyz", Duration::from_secs(30), "stale", |s, _| s == 503)
         .await;
     assert_eq!(stale["status"], "stale_database", "{stale}");
-    assert!(
-        stale["backends"][0]["database_age_seconds"]
+    let age = |ready: &Value| {
+        ready["backends"][0]["database_age_seconds"]
             .as_u64()
             .unwrap()
-            >= 4 * 86_400
+    };
+    assert!(age(&stale) >= 4 * 86_400, "{stale}");
+
+    // A new signature file that clamd refuses: the reload fails and clamd
+    // keeps the old database, so it is still stale and still test
+    // signatures only, however new the refused file is.
+    let broken = root.path().join("system/update.ndb");
+    std::fs::write(&broken, "Broken.Sig;Target:0;ZZZZ\n").unwrap();
+    let report = reload("test: a broken file").await;
+    assert!(!report.ok, "{report:?}");
+    // Probes come and go meanwhile.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, after) = gw.get("/readyz").await;
+    assert_eq!(
+        (status, after["status"].as_str()),
+        (503, Some("stale_database")),
+        "{after}"
     );
-    // Updated: ready again.
+    assert!(age(&after) >= 4 * 86_400, "{after}");
+    assert_eq!(
+        after["managed_clamd"]["database"], "test-signatures-only",
+        "{after}"
+    );
+
+    // Updated for real: ready again.
+    std::fs::remove_file(&broken).unwrap();
     for f in &files {
         set_mtime(f, SystemTime::now());
     }
+    assert!(reload("test: updated").await.ok);
     gw.wait_for("/readyz", Duration::from_secs(30), "fresh", |s, _| s == 200)
         .await;
     gw.stop().await;

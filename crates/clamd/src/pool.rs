@@ -86,6 +86,9 @@ struct BackendState {
     /// The backend's database directory on this host, when known: dates an
     /// unsigned database by its files.
     database_dir: Option<PathBuf>,
+    /// The files are to be dated at the next successful probe (see
+    /// [`Backend::database_reloaded`]).
+    redate: bool,
 }
 
 /// Where a backend's database time comes from.
@@ -163,6 +166,7 @@ impl Backend {
                 database_time: None,
                 dated_by: None,
                 database_dir: None,
+                redate: true,
             }),
         }
     }
@@ -171,10 +175,9 @@ impl Backend {
     /// the newest signature file in `dir`, this backend's database
     /// directory on this host.
     pub fn set_database_dir(&self, dir: Option<PathBuf>) {
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .database_dir = dir;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.database_dir = dir;
+        state.redate = true;
     }
 
     /// Takes the backend out of rotation (or puts it back): while other
@@ -271,13 +274,26 @@ impl Backend {
         self.error_replies.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Says that clamd has (re)loaded its database (it started, or
+    /// confirmed a reload): with a database directory set, its files are
+    /// dated at the next successful probe, and not again until the next
+    /// call. A file clamd refused (a reload that failed) then does not make
+    /// the database it kept look fresh.
+    pub fn database_reloaded(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).redate = true;
+    }
+
+    /// The date of the database as of its last load (see
+    /// [`Backend::database_reloaded`]).
     async fn date_by_files(&self) -> Option<(SystemTime, DatabaseDating)> {
-        let dir = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .database_dir
-            .clone()?;
+        let dir = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let dir = state.database_dir.clone()?;
+            if !std::mem::take(&mut state.redate) {
+                return state.database_time.zip(state.dated_by);
+            }
+            dir
+        };
         let newest =
             tokio::task::spawn_blocking(move || crate::database::newest_signature_mtime(&dir));
         newest.await.ok()?.map(|t| (t, DatabaseDating::Files))

@@ -113,7 +113,11 @@ pub struct ManagedClamd {
     backoff_max: Duration,
     layout: DatabaseLayout,
     update_mode: UpdateMode,
-    kind: Mutex<DatabaseKind>,
+    /// The database directory's kind and source as of the last sync.
+    synced_kind: Mutex<(DatabaseKind, Option<String>)>,
+    /// What clamd has loaded: the synced kind, taken over when clamd
+    /// starts or confirms a reload. A reload clamd refuses leaves it.
+    loaded_kind: Mutex<(DatabaseKind, Option<String>)>,
     /// The database files as of the last sync: a difference means reload.
     /// The files' state clamd was last given, `None` when a reload did not
     /// reach it (see [`ManagedClamd::reload_missed`]).
@@ -171,6 +175,10 @@ impl ManagedClamd {
         announce_database(&report, &layout, &update_mode);
         let database_dir = layout.dir.clone();
         let database = report.kind;
+        let source = report
+            .official_source
+            .as_ref()
+            .map(|p| p.display().to_string());
         let socket = dir.join("clamd.sock");
         // sun_path is 108 bytes on Linux, including the NUL.
         if socket.as_os_str().len() > 100 {
@@ -226,7 +234,8 @@ impl ManagedClamd {
             syncing: Mutex::new(()),
             layout,
             update_mode,
-            kind: Mutex::new(database),
+            synced_kind: Mutex::new((database, source.clone())),
+            loaded_kind: Mutex::new((database, source)),
             events: Arc::new(watch::channel(ClamdEvent::None).0),
             status: Mutex::new(status),
             config_path,
@@ -252,9 +261,25 @@ impl ManagedClamd {
         f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    /// Which signatures clamd runs with (as of the last sync).
+    /// Which signatures clamd runs with: as of its start or its last
+    /// reload that it confirmed.
     pub fn database(&self) -> DatabaseKind {
-        *self.kind.lock().unwrap_or_else(|e| e.into_inner())
+        self.loaded_kind.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// clamd has loaded the directory as last synced (it started, or
+    /// confirmed a reload).
+    fn database_loaded(&self) {
+        let synced = self
+            .synced_kind
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.update(|s| {
+            s.database = synced.0.as_str();
+            s.database_source = synced.1.clone();
+        });
+        *self.loaded_kind.lock().unwrap_or_else(|e| e.into_inner()) = synced;
     }
 
     /// clamd's DatabaseDirectory, which avgate owns.
@@ -270,9 +295,11 @@ impl ManagedClamd {
         self.update(|s| f(&mut s.updates));
     }
 
-    /// Records the signature count clamd reported after a reload.
+    /// Records a reload clamd confirmed, with the signature count it
+    /// reported: what it runs with is now the directory as last synced.
     pub(crate) fn record_signatures(&self, signatures: u64) {
         self.update(|s| s.signatures = Some(signatures));
+        self.database_loaded();
     }
 
     /// Re-links the database directory to the current source files (see
@@ -283,10 +310,15 @@ impl ManagedClamd {
         // seen again next time rather than lost.
         let fingerprint = self.layout.fingerprint();
         let report = self.layout.sync()?;
+        let source = report
+            .official_source
+            .as_ref()
+            .map(|p| p.display().to_string());
         let before = std::mem::replace(
-            &mut *self.kind.lock().unwrap_or_else(|e| e.into_inner()),
-            report.kind,
-        );
+            &mut *self.synced_kind.lock().unwrap_or_else(|e| e.into_inner()),
+            (report.kind, source),
+        )
+        .0;
         if before != report.kind && report.kind == DatabaseKind::TestSignaturesOnly {
             // The official (or custom) database went away from its source:
             // clamd now detects test files only.
@@ -306,13 +338,6 @@ impl ManagedClamd {
             );
         }
         *self.synced.lock().unwrap_or_else(|e| e.into_inner()) = Some(fingerprint);
-        self.update(|s| {
-            s.database = report.kind.as_str();
-            s.database_source = report
-                .official_source
-                .as_ref()
-                .map(|p| p.display().to_string());
-        });
         Ok(report)
     }
 
@@ -516,6 +541,8 @@ impl ManagedClamd {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(forward_lines(err, self.events.clone()));
         }
+        // A new clamd loads the directory as it is (synced just before).
+        self.database_loaded();
         self.events.send_replace(ClamdEvent::Started);
         Ok(child)
     }
