@@ -168,6 +168,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Arc::new(crate::metrics::Metrics::new(
         pool.clone(),
         managed.clone(),
+        Some(signatures.clone()),
         database,
         config.max_concurrent_scans,
     ));

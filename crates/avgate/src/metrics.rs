@@ -33,6 +33,7 @@ use crate::http::error::ErrorCode;
 use crate::managed::{DatabaseKind, ManagedClamd};
 use crate::scan::pipeline::ScanResult;
 use crate::scan::verdict::Kind;
+use crate::signatures::Signatures;
 
 /// Buckets for scan and request durations, in seconds: from a small file
 /// on a warm clamd (a few ms) to `clamd.scan_timeout` (130 s by default).
@@ -65,6 +66,7 @@ pub struct Metrics {
 struct Sources {
     pool: Arc<Pool>,
     managed: Option<Arc<ManagedClamd>>,
+    signatures: Option<Arc<Signatures>>,
 }
 
 /// The metrics set from a snapshot when scraped.
@@ -83,6 +85,8 @@ struct Scraped {
     /// managed clamd's database can change kind while it runs (official
     /// once freshclam has it, or back to test signatures if it goes).
     database_info: IntGaugeVec,
+    /// Signature reloads by result (ok, failed).
+    reloads: IntCounterVec,
     /// Only in managed mode.
     managed_restarts: Option<IntCounter>,
     /// Only in managed mode: the file system of clamd's temporary
@@ -98,6 +102,7 @@ impl Metrics {
     pub fn new(
         pool: Arc<Pool>,
         managed: Option<Arc<ManagedClamd>>,
+        signatures: Option<Arc<Signatures>>,
         database: DatabaseKind,
         max_concurrent_scans: usize,
     ) -> Metrics {
@@ -174,6 +179,11 @@ impl Metrics {
                 "Unix time of the backend's last health probe.",
                 &["backend"],
             ),
+            reloads: r.counter_vec(
+                "avgate_signature_reloads_total",
+                "Signature reloads (freshclam updates, policy changes, POST /v1/admin/reload), by result: ok, or failed (clamd refused the new files or could not be reached, and keeps its previous database).",
+                &["result"],
+            ),
             managed_restarts: managed.as_ref().map(|_| {
                 r.counter(
                     "avgate_managed_clamd_restarts_total",
@@ -232,7 +242,11 @@ impl Metrics {
                 "Scan duration (as avgate_scan_duration_seconds) by the backend that scanned.",
                 &["backend"],
             ),
-            sources: Sources { pool, managed },
+            sources: Sources {
+                pool,
+                managed,
+                signatures,
+            },
             scraped,
             scrape_lock: Mutex::new(()),
             registry,
@@ -358,6 +372,11 @@ impl Metrics {
             s.database_info
                 .with_label_values(&[managed.database().as_str()])
                 .set(1);
+        }
+        if let Some(signatures) = &self.sources.signatures {
+            let (ok, failed) = signatures.reload_counts();
+            catch_up(&s.reloads.with_label_values(&["ok"]), ok);
+            catch_up(&s.reloads.with_label_values(&["failed"]), failed);
         }
         if let (Some(counter), Some(managed)) = (&s.managed_restarts, &self.sources.managed) {
             catch_up(counter, managed.status().restarts);
@@ -513,7 +532,7 @@ mod tests {
             }],
             clamd::Timeouts::default(),
         );
-        Metrics::new(pool, None, DatabaseKind::External, 128)
+        Metrics::new(pool, None, None, DatabaseKind::External, 128)
     }
 
     fn result(kind: Kind, size: u64, ms: u64) -> ScanResult {

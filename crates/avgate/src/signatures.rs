@@ -61,6 +61,7 @@ pub struct Signatures {
 #[derive(Default)]
 struct History {
     reloads: u64,
+    failed: u64,
     last: Option<ReloadReport>,
 }
 
@@ -126,6 +127,12 @@ impl Drop for Drain<'_> {
 }
 
 impl Signatures {
+    /// Reloads so far: (done, failed).
+    pub fn reload_counts(&self) -> (u64, u64) {
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        (history.reloads - history.failed, history.failed)
+    }
+
     pub fn new(
         pool: Arc<Pool>,
         managed: Option<Arc<ManagedClamd>>,
@@ -273,6 +280,7 @@ impl Signatures {
         };
         let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
         history.reloads += 1;
+        history.failed += u64::from(!report.ok);
         history.last = Some(report.clone());
         report
     }

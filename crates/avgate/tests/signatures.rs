@@ -395,8 +395,13 @@ async fn a_stale_signed_database_fails_readiness_until_the_limit_allows_it() {
     gw.stop().await;
 }
 
+/// The managed clamd's unsigned database is dated by its files as clamd
+/// loaded them: a reload clamd refuses changes neither the age nor the
+/// kind shown, is counted as failed, and a clamd that cannot start because
+/// of the refused file says so in `last_exit`; once the file is gone the
+/// next clamd starts on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn managed_test_signatures_are_dated_by_their_files() {
+async fn managed_database_age_and_kind_follow_what_clamd_loaded() {
     let root = short_tempdir("avg-age");
     let gw = Gw::start(managed_config(root.path())).await;
     let (_, ready) = gw.get("/readyz").await;
@@ -458,15 +463,54 @@ async fn managed_test_signatures_are_dated_by_their_files() {
         after["managed_clamd"]["database"], "test-signatures-only",
         "{after}"
     );
+    // For the alert (deploy/prometheus-alerts.yml, AvgateSignatureReloadFailed).
+    let metrics = gw.state().metrics.render();
+    for line in [
+        "avgate_signature_reloads_total{result=\"ok\"} 1",
+        "avgate_signature_reloads_total{result=\"failed\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
 
-    // Updated for real: ready again.
+    // The refused file is still there: a clamd that restarts now cannot
+    // start, and says why.
+    let pid = after["managed_clamd"]["pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let failing = gw
+        .wait_for(
+            "/readyz",
+            Duration::from_secs(30),
+            "the restart failing",
+            |_, v| {
+                v["managed_clamd"]["last_exit"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("exit status") && e.contains("update.ndb"))
+            },
+        )
+        .await;
+    assert_ne!(failing["status"], "ready", "{failing}");
+
+    // Fixed and updated for real: the next clamd starts, with fresh
+    // signatures, and is ready without a reload.
     std::fs::remove_file(&broken).unwrap();
     for f in &files {
         set_mtime(f, SystemTime::now());
     }
-    assert!(reload("test: updated").await.ok);
-    gw.wait_for("/readyz", Duration::from_secs(30), "fresh", |s, _| s == 200)
+    let fresh = gw
+        .wait_for("/readyz", Duration::from_secs(60), "fresh", |s, _| s == 200)
         .await;
+    assert_eq!(
+        fresh["managed_clamd"]["database"], "test-signatures-only",
+        "{fresh}"
+    );
+    assert!(age(&fresh) < 3600, "{fresh}");
     gw.stop().await;
 }
 

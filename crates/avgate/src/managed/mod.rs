@@ -126,6 +126,9 @@ pub struct ManagedClamd {
     /// meet: both would create and remove the same links).
     syncing: Mutex<()>,
     events: Arc<watch::Sender<ClamdEvent>>,
+    /// The last error lines of the running clamd (the file it cannot
+    /// load, say), for `last_exit` when it dies.
+    last_problem: Arc<Mutex<Option<String>>>,
     status: Mutex<ManagedStatus>,
 }
 
@@ -237,6 +240,7 @@ impl ManagedClamd {
             synced_kind: Mutex::new((database, source.clone())),
             loaded_kind: Mutex::new((database, source)),
             events: Arc::new(watch::channel(ClamdEvent::None).0),
+            last_problem: Arc::new(Mutex::new(None)),
             status: Mutex::new(status),
             config_path,
         })
@@ -460,10 +464,20 @@ impl ManagedClamd {
             };
             match exit {
                 Some(exit) => {
-                    let why = match exit {
+                    let mut why = match exit {
                         Ok(status) => status.to_string(),
                         Err(e) => e.to_string(),
                     };
+                    // What clamd said last is usually why (a signature
+                    // file it cannot load).
+                    let problem = self
+                        .last_problem
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take();
+                    if let Some(problem) = problem {
+                        why = format!("{why}; its last errors: {problem}");
+                    }
                     tracing::error!(pid, exit = %why, "clamd exited; restarting");
                     on_exit();
                     if started.elapsed() > STABLE_AFTER {
@@ -535,11 +549,20 @@ impl ManagedClamd {
             .with_context(|| format!("cannot run {}", self.executable.display()))?;
         // clamd's own log lines go into ours, tagged, so one log stream
         // tells the whole story.
+        *self.last_problem.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward_lines(out, self.events.clone()));
+            tokio::spawn(forward_lines(
+                out,
+                self.events.clone(),
+                self.last_problem.clone(),
+            ));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward_lines(err, self.events.clone()));
+            tokio::spawn(forward_lines(
+                err,
+                self.events.clone(),
+                self.last_problem.clone(),
+            ));
         }
         // A new clamd loads the directory as it is (synced just before).
         self.database_loaded();
@@ -577,6 +600,7 @@ impl ManagedClamd {
 async fn forward_lines(
     pipe: impl tokio::io::AsyncRead + Unpin,
     events: Arc<watch::Sender<ClamdEvent>>,
+    last_problem: Arc<Mutex<Option<String>>>,
 ) {
     let mut lines = BufReader::new(pipe).lines();
     let mut last_error = String::new();
@@ -596,7 +620,20 @@ async fn forward_lines(
             None => {}
         }
         match clamd_line_level(line) {
-            tracing::Level::WARN => tracing::warn!(target: "clamd", "{line}"),
+            tracing::Level::WARN => {
+                if line.contains("ERROR") || line.contains("LibClamAV Error") {
+                    // The last few: libclamav says which file in one line
+                    // and what is wrong with it in others.
+                    let mut problem = last_problem.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut lines: Vec<&str> = problem
+                        .as_deref()
+                        .map_or(Vec::new(), |p| p.split(" / ").collect());
+                    lines.push(line);
+                    let keep = lines.len().saturating_sub(3);
+                    *problem = Some(lines[keep..].join(" / "));
+                }
+                tracing::warn!(target: "clamd", "{line}")
+            }
             tracing::Level::DEBUG => tracing::debug!(target: "clamd", "{line}"),
             _ => tracing::info!(target: "clamd", "{line}"),
         }
