@@ -60,10 +60,12 @@ pub struct ServeArgs {
     pub log_format: Option<LogFormatArg>,
     /// TLS certificate chain (PEM); with --tls-key, --listen speaks HTTPS.
     /// Reloaded when the file changes.
-    #[arg(long, value_name = "FILE", requires = "tls_key", help_heading = "TLS")]
+    /// (The key may come from the file or the environment: the merged
+    /// configuration must have both or neither.)
+    #[arg(long, value_name = "FILE", help_heading = "TLS")]
     pub tls_cert: Option<PathBuf>,
     /// TLS private key (PEM).
-    #[arg(long, value_name = "FILE", requires = "tls_cert", help_heading = "TLS")]
+    #[arg(long, value_name = "FILE", help_heading = "TLS")]
     pub tls_key: Option<PathBuf>,
     /// Get certificates from Let's Encrypt (or --acme-directory) for this
     /// name; repeat for several. --listen then speaks HTTPS.
@@ -210,14 +212,44 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    /// Opens the store in the configured data directory.
+    /// Opens the store in the configured data directory, creating it if
+    /// there is none yet (and saying so: a token written to a store the
+    /// server does not use would be refused by it).
     pub fn open(&self) -> anyhow::Result<crate::store::SqliteStore> {
+        let dir = self.data_dir()?;
+        let new = !dir.join(crate::store::sqlite::FILE_NAME).exists();
+        let store = crate::store::SqliteStore::open(&dir)?;
+        if new {
+            eprintln!(
+                "avgate: created a new state store in {}; the server must run with this data directory (--data-dir) to use it",
+                dir.display()
+            );
+        }
+        Ok(store)
+    }
+
+    /// Opens the store in the configured data directory; an error if there
+    /// is none, since reading an empty store made on the spot would hide a
+    /// wrong --data-dir.
+    pub fn open_existing(&self) -> anyhow::Result<crate::store::SqliteStore> {
+        let dir = self.data_dir()?;
+        if !dir.join(crate::store::sqlite::FILE_NAME).exists() {
+            anyhow::bail!(
+                "no state store in {} (no {}): is the data directory right? Use the server's --data-dir (or data_dir in its configuration)",
+                dir.display(),
+                crate::store::sqlite::FILE_NAME
+            );
+        }
+        Ok(crate::store::SqliteStore::open(&dir)?)
+    }
+
+    fn data_dir(&self) -> anyhow::Result<PathBuf> {
         let overrides = Overrides {
             data_dir: self.data_dir.clone(),
             ..Default::default()
         };
         let config = Config::load(self.config.as_deref(), std::env::vars(), &overrides)?;
-        Ok(crate::store::SqliteStore::open(&config.data_dir)?)
+        Ok(config.data_dir)
     }
 }
 
@@ -248,10 +280,68 @@ pub fn run_command(
     }
 }
 
+/// What `check-config` checks beyond the configuration's own rules: the
+/// files that `serve` would read at start and refuse to start without.
+pub fn check_files(config: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
+        let files = crate::tls::files::CertFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        if let Err(e) = files.load() {
+            problems.push(format!("tls: {e:#}"));
+        }
+    }
+    let executable = |what: &str, path: &Option<PathBuf>| {
+        let path = path.as_ref()?;
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => None,
+            Ok(_) => Some(format!(
+                "{what} {} is not an executable file",
+                path.display()
+            )),
+            Err(e) => Some(format!("{what} {}: {e}", path.display())),
+        }
+    };
+    let managed = config.clamd.backends.is_empty();
+    if managed {
+        problems.extend(executable("managed.clamd_path", &config.managed.clamd_path));
+        if config.updates.enabled == Some(true) {
+            problems.extend(executable(
+                "updates.freshclam_path",
+                &config.updates.freshclam_path,
+            ));
+        }
+        if let Some(dir) = &config.managed.database_dir {
+            if !dir.is_dir() {
+                problems.push(format!(
+                    "managed.database_dir {} is not a directory",
+                    dir.display()
+                ));
+            }
+        }
+    }
+    problems
+}
+
 /// A table for people: columns padded to their widest cell, two spaces
 /// apart, no trailing blanks; `empty` below the header when there are no
 /// rows.
 pub fn table<const N: usize>(header: [&str; N], rows: &[[String; N]], empty: &str) -> String {
+    // A long cell (a token's allow list) is cut: the table stays readable,
+    // and padding stays within what `format!` can do.
+    const MAX_CELL: usize = 120;
+    let cut = |cell: &String| -> String {
+        if cell.chars().count() <= MAX_CELL {
+            return cell.clone();
+        }
+        let kept: String = cell.chars().take(MAX_CELL - 1).collect();
+        format!("{kept}…")
+    };
+    let rows: Vec<[String; N]> = rows.iter().map(|row| row.each_ref().map(cut)).collect();
+    let rows = &rows[..];
     let mut widths = header.map(str::len);
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -278,4 +368,29 @@ pub fn table<const N: usize>(header: [&str; N], rows: &[[String; N]], empty: &st
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table;
+
+    #[test]
+    fn a_table_cuts_long_cells_instead_of_failing() {
+        // Wider than format!'s padding can go (65,535): this panicked.
+        let wide = "10.0.0.0/24,".repeat(6_000);
+        let out = table(
+            ["NAME", "ALLOW"],
+            &[["a".into(), wide], ["bb".into(), "x".into()]],
+            "none",
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        assert!(
+            lines[1].starts_with("a     10.0.0.0/24,") && lines[1].ends_with('…'),
+            "{}",
+            lines[1]
+        );
+        assert!(lines[1].chars().count() < 130);
+        assert_eq!(lines[2], "bb    x");
+    }
 }

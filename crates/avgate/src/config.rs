@@ -848,7 +848,12 @@ fn warn_if_world_writable(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         if meta.permissions().mode() & 0o002 != 0 {
-            tracing::warn!(path = %path.display(), "the configuration file is world-writable");
+            // To stderr, not the log: the configuration is read before
+            // logging is set up (and check-config sets none up).
+            eprintln!(
+                "avgate: warning: the configuration file {} is world-writable: anyone on this host can change avgate's settings (chmod o-w it)",
+                path.display()
+            );
         }
     }
 }
@@ -899,17 +904,44 @@ impl fmt::Display for ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        let expected = "a size: a number of bytes, or a string such as \"150MiB\"";
+        match int_or_str(d, expected)? {
+            IntOrStr::Int(n) => Ok(ByteSize(n)),
+            IntOrStr::Str(s) => s.parse().map_err(serde::de::Error::custom),
         }
     }
+}
+
+/// A number or a string, for the values that take either (`max_size =
+/// 1024` or `"150MiB"`); anything else is refused with `expected`.
+enum IntOrStr {
+    Int(u64),
+    Str(String),
+}
+
+fn int_or_str<'de, D: Deserializer<'de>>(
+    d: D,
+    expected: &'static str,
+) -> Result<IntOrStr, D::Error> {
+    struct Either(&'static str);
+    impl serde::de::Visitor<'_> for Either {
+        type Value = IntOrStr;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<IntOrStr, E> {
+            Ok(IntOrStr::Int(n))
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<IntOrStr, E> {
+            u64::try_from(n)
+                .map(IntOrStr::Int)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(n), &self))
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<IntOrStr, E> {
+            Ok(IntOrStr::Str(s.to_owned()))
+        }
+    }
+    d.deserialize_any(Either(expected))
 }
 
 impl Serialize for ByteSize {
@@ -932,19 +964,37 @@ impl FromStr for Humantime {
         let n: u64 = number
             .parse()
             .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 30s, 5m)"))?;
-        let d = match unit.trim() {
-            "ms" => Duration::from_millis(n),
-            "" | "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86400),
+        let millis_per_unit: u64 = match unit.trim() {
+            "ms" => 1,
+            "" | "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
             other => {
                 return Err(format!(
                     "{s:?}: unknown unit {other:?} (use ms, s, m, h, d)"
                 ))
             }
         };
-        Ok(Humantime(d))
+        n.checked_mul(millis_per_unit)
+            .map(Duration::from_millis)
+            .and_then(Humantime::checked)
+            .ok_or_else(|| {
+                format!(
+                    "{s:?} is longer than {} days, the most a duration may be",
+                    Humantime::MAX.as_secs() / 86_400
+                )
+            })
+    }
+}
+
+impl Humantime {
+    /// The longest duration accepted: a hundred years. Anything longer is a
+    /// mistake, and would overflow the clock arithmetic it feeds.
+    pub const MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+    fn checked(d: Duration) -> Option<Humantime> {
+        (d <= Humantime::MAX).then_some(Humantime(d))
     }
 }
 
@@ -996,15 +1046,15 @@ fn serialize_url_redacted<S: Serializer>(url: &Option<String>, s: S) -> Result<S
 
 impl<'de> Deserialize<'de> for Humantime {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Humantime(Duration::from_secs(n))),
-            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        let expected = "a duration: a number of seconds, or a string such as \"30s\" or \"500ms\"";
+        match int_or_str(d, expected)? {
+            IntOrStr::Int(n) => Humantime::checked(Duration::from_secs(n)).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "{n} seconds is longer than {} days, the most a duration may be",
+                    Humantime::MAX.as_secs() / 86_400
+                ))
+            }),
+            IntOrStr::Str(s) => s.parse().map_err(serde::de::Error::custom),
         }
     }
 }
@@ -1405,5 +1455,48 @@ enabled = false
             Duration::from_secs(120)
         );
         assert!("2 weeks".parse::<Humantime>().is_err());
+    }
+
+    #[test]
+    fn durations_too_long_for_the_clock_are_refused_not_wrapped() {
+        // These wrapped around to a few seconds, or passed and then made
+        // the clock arithmetic panic.
+        for huge in [
+            "94368760191893771d",
+            "3381903080180084463m",
+            "18446744073709551615s",
+            "36501d",
+        ] {
+            assert!(huge.parse::<Humantime>().is_err(), "{huge}");
+        }
+        assert_eq!("36500d".parse::<Humantime>().unwrap().0, Humantime::MAX);
+        for (key, value) in [
+            ("AVGATE_REQUEST_TIMEOUT", "3381903080180084463m"),
+            ("AVGATE_HEADER_TIMEOUT", "18446744073709551615s"),
+            ("AVGATE_CLAMD__HEALTH_INTERVAL", "18446744073709551615"),
+        ] {
+            let err = load_env(&[(key, value)]).unwrap_err().to_string();
+            assert!(err.contains("longer than"), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_kind_says_what_is_expected() {
+        for (text, expected) in [
+            ("max_size = -5", "a size: a number of bytes, or a string"),
+            ("max_size = 1.5", "a size: a number of bytes, or a string"),
+            (
+                "header_timeout = 1.5",
+                "a duration: a number of seconds, or a string",
+            ),
+            (
+                "header_timeout = -1",
+                "a duration: a number of seconds, or a string",
+            ),
+        ] {
+            let err = load_text(text).unwrap_err().to_string();
+            assert!(err.contains(expected), "{text}: {err}");
+            assert!(!err.contains("untagged"), "{text}: {err}");
+        }
     }
 }

@@ -13,6 +13,15 @@ fn main() -> ExitCode {
         Command::Policy(args) => avgate::policy::cli::run(args),
         Command::CheckConfig(args) => match args.load() {
             Ok(config) => {
+                // The files serve would read: a check that passes must not
+                // be followed by a start that fails on them.
+                let problems = avgate::cli::check_files(&config);
+                if !problems.is_empty() {
+                    for problem in &problems {
+                        eprintln!("avgate: {problem}");
+                    }
+                    return ExitCode::from(2);
+                }
                 // The verdict on stderr, the configuration alone on stdout:
                 // `avgate check-config > effective.toml` is a valid file.
                 eprintln!("avgate: configuration is valid");

@@ -47,7 +47,10 @@ impl Reloader {
     pub async fn reload(&self, new: Config) -> ReloadReport {
         let old = self.current.borrow().clone();
         match crate::cli::set_log_level(new.log_level.as_deref()) {
-            Ok(true) => tracing::info!(log_level = ?new.log_level, "log filter applied"),
+            Ok(true) => tracing::info!(
+                log_level = new.log_level.as_deref().unwrap_or("the default"),
+                "log filter applied"
+            ),
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "log_level not applied"),
         }

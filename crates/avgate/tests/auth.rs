@@ -1105,3 +1105,105 @@ async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
         );
     }
 }
+
+/// The token CLI as an operator meets it: a wrong --data-dir is an error,
+/// not an empty list; a new store is announced; limits that cannot work
+/// are refused before anything is written; a long allow list is listed.
+#[test]
+fn the_token_cli_catches_a_wrong_data_dir_and_impossible_limits() {
+    let root = tempfile::tempdir().unwrap();
+    let avgate = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_avgate"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let typo = root.path().join("typo");
+    let typo = typo.to_str().unwrap();
+    for command in [
+        &["token", "list"][..],
+        &["token", "usage", "x"],
+        &["policy", "list"],
+    ] {
+        let (code, _, stderr) = avgate(&[command, &["--data-dir", typo]].concat());
+        assert_eq!(code, Some(1), "{command:?}: {stderr}");
+        assert!(
+            stderr.contains("no state store in"),
+            "{command:?}: {stderr}"
+        );
+    }
+    assert!(!Path::new(typo).exists(), "a store was made for a typo");
+
+    let data = root.path().join("data");
+    let data = data.to_str().unwrap();
+    let (code, _, stderr) = avgate(&["token", "create", "--data-dir", data, "--name", "first"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("created a new state store"), "{stderr}");
+    let (_, _, stderr) = avgate(&["token", "create", "--data-dir", data, "--name", "second"]);
+    assert!(!stderr.contains("created a new state store"), "{stderr}");
+
+    let many_ips: Vec<String> = (0..300)
+        .map(|i| format!("10.{}.{}.0/24", i / 250, i % 250))
+        .collect();
+    let with_ips = |n: usize| {
+        let mut args = vec!["token", "create", "--data-dir", data, "--name"];
+        args.push(if n > 256 { "too-many" } else { "many" });
+        for ip in &many_ips[..n] {
+            args.extend(["--allow-ip", ip.as_str()]);
+        }
+        avgate(&args)
+    };
+    for (what, args, message) in [
+        (
+            "expires under a second",
+            vec!["--expires", "500ms"],
+            "at least 1s",
+        ),
+        (
+            "expires past the clock",
+            vec!["--expires", "94368760191893771d"],
+            "longer than",
+        ),
+        (
+            "files past SQLite's integers",
+            vec!["--monthly-files", "18446744073709551615"],
+            "at most",
+        ),
+    ] {
+        let (code, _, stderr) = avgate(
+            &[
+                &["token", "create", "--data-dir", data, "--name", "x"][..],
+                &args,
+            ]
+            .concat(),
+        );
+        assert_eq!(code, Some(2), "{what}: {stderr}");
+        assert!(stderr.contains(message), "{what}: {stderr}");
+    }
+    let (code, _, stderr) = with_ips(300);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("at most 256"), "{stderr}");
+    let (code, _, stderr) = with_ips(256);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stdout, stderr) = avgate(&["token", "list", "--data-dir", data]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains(" many "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.chars().count() < 400, "{line}");
+    let (_, json, _) = avgate(&["token", "list", "--json", "--data-dir", data]);
+    let listed: Vec<Value> = serde_json::from_str(&json).unwrap();
+    let mut names: Vec<&str> = listed.iter().map(|t| t["name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["first", "many", "second"],
+        "a refused token was written"
+    );
+}

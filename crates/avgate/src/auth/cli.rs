@@ -158,7 +158,7 @@ async fn dispatch(command: TokenCommand) -> anyhow::Result<()> {
             }
         }
         TokenCommand::List { store, json } => {
-            let store = store.open()?;
+            let store = store.open_existing()?;
             let tokens = manage::list(&store).await?;
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&tokens)?)?;
@@ -167,7 +167,7 @@ async fn dispatch(command: TokenCommand) -> anyhow::Result<()> {
             }
         }
         TokenCommand::Revoke { store, id_or_name } => {
-            let store = store.open()?;
+            let store = store.open_existing()?;
             let view = manage::revoke(&store, &id_or_name, &Actor::cli()).await?;
             writeln!(out, "revoked {} ({})", view.id, view.name)?;
         }
@@ -177,7 +177,7 @@ async fn dispatch(command: TokenCommand) -> anyhow::Result<()> {
             month,
             json,
         } => {
-            let store = store.open()?;
+            let store = store.open_existing()?;
             let usage = manage::usage(&store, &id_or_name, month).await?;
             if json {
                 writeln!(out, "{}", serde_json::to_string_pretty(&usage)?)?;

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,9 @@ use crate::store::{Store, StoreError, TokenRecord};
 
 /// Longest token name.
 const MAX_NAME_LEN: usize = 64;
+
+/// The most addresses and ranges one token may be limited to.
+pub const MAX_ALLOW_IPS: usize = 256;
 
 /// What a new token should be, as written by a person (CLI flags or the
 /// admin API's JSON body).
@@ -93,8 +97,10 @@ impl TokenOptions {
                     .parse::<Humantime>()
                     .map_err(|e| format!("expires: {e}"))?
                     .0;
-                if d.is_zero() {
-                    return Err("expires: must be in the future".into());
+                // Expiry is kept in whole seconds: "500ms" would be a
+                // token born expired.
+                if d < Duration::from_secs(1) {
+                    return Err("expires: must be at least 1s in the future".into());
                 }
                 Some(now.saturating_add(d.as_secs().min(i64::MAX as u64) as i64))
             }
@@ -116,7 +122,24 @@ impl TokenOptions {
                 Some(RateSpec { per_second, burst })
             }
         };
-        let allow_ips = crate::perimeter::network::parse_nets(&self.allow_ips)?;
+        if self.allow_ips.len() > MAX_ALLOW_IPS {
+            return Err(format!(
+                "allow_ips: at most {MAX_ALLOW_IPS} addresses or ranges (each is checked on every request; use wider ranges)"
+            ));
+        }
+        let mut allow_ips = crate::perimeter::network::parse_nets(&self.allow_ips)?;
+        allow_ips.sort();
+        allow_ips.dedup();
+        // The store keeps counts as SQLite integers (i64).
+        let too_large = |n: u64| n > i64::MAX as u64;
+        if self.monthly_files.is_some_and(too_large)
+            || self.monthly_bytes.is_some_and(|b| too_large(b.0))
+        {
+            return Err(format!(
+                "monthly_files and monthly_bytes must be at most {} (leave them out for no limit)",
+                i64::MAX
+            ));
+        }
         for (what, zero) in [
             ("monthly_files", self.monthly_files == Some(0)),
             (

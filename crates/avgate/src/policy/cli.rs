@@ -186,7 +186,7 @@ async fn dispatch(command: PolicyCommand) -> anyhow::Result<()> {
         PolicyCommand::Allow { action } => add_hash("allow", action).await,
         PolicyCommand::Block { action } => add_hash("block", action).await,
         PolicyCommand::List { store, all, json } => {
-            let store = store.open()?;
+            let store = store.open_existing()?;
             let entries = manage::list(&store, all).await?;
             let mut out = std::io::stdout().lock();
             if json {
@@ -197,7 +197,7 @@ async fn dispatch(command: PolicyCommand) -> anyhow::Result<()> {
             Ok(())
         }
         PolicyCommand::Remove { store, id } => {
-            let store = store.open()?;
+            let store = store.open_existing()?;
             let view = manage::remove(&store, id.trim(), &Actor::cli()).await?;
             writeln!(
                 std::io::stdout().lock(),

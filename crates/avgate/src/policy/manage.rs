@@ -50,7 +50,7 @@ impl PolicyView {
 pub enum PolicyError {
     #[error("{0}")]
     Invalid(String),
-    #[error("an {kind} entry for {value} is already in force ({id}); remove it first")]
+    #[error("an entry of kind {kind} for {value} is already in force ({id}); remove it first")]
     Exists {
         kind: Kind,
         value: String,
