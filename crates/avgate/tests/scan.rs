@@ -262,6 +262,53 @@ async fn multipart_bodies_that_parsers_read_differently_are_refused() {
                 + "--B--\r\n",
         ),
         (
+            "a bare LF before the first boundary",
+            ct,
+            "\n".to_owned()
+                + &part(&cd(r#"name="file"; filename="evil""#), &eicar)
+                + &part(&cd(r#"name="file"; filename="clean""#), "clean")
+                + "--B--\r\n",
+        ),
+        (
+            "a part after the closing boundary",
+            ct,
+            part(&cd(r#"name="file"; filename="clean""#), "clean")
+                + "--B--\r\n"
+                + &part(&cd(r#"name="file"; filename="evil""#), &eicar)
+                + "--B--\r\n",
+        ),
+        (
+            "a part hidden in a text field behind a bare LF",
+            ct,
+            part(
+                &cd(r#"name="note""#),
+                &format!("x\n--B\r\n{}\r\n\r\n{eicar}", cd(r#"name="file"; filename="evil""#)),
+            ) + &part(&cd(r#"name="file"; filename="clean""#), "clean")
+                + "--B--\r\n",
+        ),
+        (
+            "a file cut short by a bare LF boundary",
+            ct,
+            part(
+                &cd(r#"name="file"; filename="evil""#),
+                &format!("{eicar}\n--B\r\n{}\r\n\r\npad", cd(r#"name="pad""#)),
+            ) + "--B--\r\n",
+        ),
+        (
+            "a name PHP reads as file",
+            ct,
+            part(&cd(r#"name="file"; filename="clean""#), "clean")
+                + &part(&cd(r#"name=" file"; filename="evil""#), &eicar)
+                + "--B--\r\n",
+        ),
+        (
+            "a name PHP reads as an array of files",
+            ct,
+            part(&cd(r#"name="file"; filename="clean""#), "clean")
+                + &part(&cd(r#"name="file[]"; filename="evil""#), &eicar)
+                + "--B--\r\n",
+        ),
+        (
             "a folded header line",
             ct,
             part("Content-Disposition: form-data; name=\"decoy\";\r\n name=\"file\"", &eicar)
@@ -293,6 +340,21 @@ async fn multipart_bodies_that_parsers_read_differently_are_refused() {
         "{json}"
     );
     assert_eq!(json["filename"], "x; name=decoy;", "{json}");
+
+    // What .NET's MultipartFormDataContent sends with every file
+    // (filename* beside filename, unquoted values) is read.
+    let body = part(
+        &(cd("name=file; filename=eicar.com; filename*=utf-8''eicar.com")
+            + "\r\nContent-Type: application/octet-stream"),
+        &eicar,
+    ) + "--B--\r\n";
+    let (status, json) = gw.post_raw("/v1/scan", ct, body.into_bytes()).await;
+    assert_eq!(
+        (status, json["status"].as_str()),
+        (200, Some("FOUND")),
+        "{json}"
+    );
+    assert_eq!(json["filename"], "eicar.com", "{json}");
     gw.stop().await;
 }
 

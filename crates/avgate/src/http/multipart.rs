@@ -18,10 +18,12 @@
 //!   with RFC 2231's `*` (RFC 7578 forbids them in form data), no `\"`
 //!   inside a quoted value (escape-aware and literal parsers end the value
 //!   in different places);
-//! - framing: the boundary appears only as a delimiter line (RFC 2046:
-//!   it must not occur inside a part); the body ends with the closing
-//!   delimiter, followed by nothing but an optional line end and an
-//!   epilogue, which is ignored, as RFC 2046 says.
+//! - framing: the boundary string appears only at the start of a
+//!   delimiter line (RFC 2046: it must not occur inside a part; not after
+//!   a bare LF or CR, not mid-line); nothing but blank lines before the
+//!   first delimiter or after the closing one (RFC 2046 allows a preamble
+//!   and an epilogue, but parsers disagree on them and no client sends
+//!   them).
 //!
 //! [`Parser`] is the framing without I/O; [`Multipart`] and [`Field`] read
 //! it from the request body with the size limits in place.
@@ -173,7 +175,11 @@ fn parse_header_value(value: &[u8]) -> Result<(&[u8], Vec<(String, Vec<u8>)>), M
             rest = &rest[len..];
             token
         };
-        if name.ends_with('*') {
+        // filename* is what .NET's MultipartFormDataContent sends beside
+        // filename with every file: only a label, and ignored (the name
+        // reported is the plain filename). Any other RFC 2231 parameter,
+        // name* above all, is refused.
+        if name.ends_with('*') && name != "filename*" {
             return malformed(format!(
                 "the parameter {name:?} (RFC 2231 encoding) is not allowed in form data (RFC 7578); send the plain parameter"
             ));
@@ -302,27 +308,50 @@ enum State {
     Done,
 }
 
+/// The most padding (spaces, tabs) after a boundary on its line.
+const MAX_PADDING: usize = 64;
+/// The most blank bytes (CR, LF, spaces, tabs) before the first boundary
+/// or after the last.
+const MAX_BLANK: usize = 1024;
+
+/// Blank: what may stand before the first boundary and after the last.
+fn is_blank(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
 /// The multipart framing, without I/O: [`Parser::push`] bytes as they
 /// arrive, [`Parser::next`] until it needs more.
+///
+/// Every occurrence of `--boundary` in the body must begin a delimiter
+/// line (after CRLF, or at the very start). Parsers that also split at a
+/// bare LF or CR (Werkzeug), at a line that is only the boundary (PHP), or
+/// at `--boundary` anywhere (Django) would otherwise see a part where this
+/// one sees content. For the same reason text before the first boundary
+/// (a preamble) and after the last (an epilogue) is refused, not skipped:
+/// some parsers take a part from the preamble, others go on parsing after
+/// the closing delimiter. Only blank lines may stand there.
 pub struct Parser {
-    /// CRLF "--" boundary.
-    delimiter: memmem::Finder<'static>,
+    /// "--" boundary.
+    dash_boundary: memmem::Finder<'static>,
     buf: BytesMut,
     state: State,
+    /// Blank bytes of the epilogue so far.
+    blank: usize,
 }
 
 impl Parser {
     pub fn new(boundary: &[u8]) -> Parser {
-        let mut delimiter = b"\r\n--".to_vec();
-        delimiter.extend_from_slice(boundary);
+        let mut dash_boundary = b"--".to_vec();
+        dash_boundary.extend_from_slice(boundary);
         // The body's first delimiter has no line end before it: one is
         // put there, so every delimiter looks the same.
         let mut buf = BytesMut::with_capacity(8 * 1024);
         buf.extend_from_slice(b"\r\n");
         Parser {
-            delimiter: memmem::Finder::new(&delimiter).into_owned(),
+            dash_boundary: memmem::Finder::new(&dash_boundary).into_owned(),
             buf,
             state: State::Preamble,
+            blank: 0,
         }
     }
 
@@ -341,30 +370,42 @@ impl Parser {
     }
 
     fn step(&mut self, eof: bool) -> Result<Option<Event>, Malformed> {
-        let delimiter_len = self.delimiter.needle().len();
+        let len = self.dash_boundary.needle().len();
         loop {
             match self.state {
-                State::Preamble => match self.delimiter.find(&self.buf) {
-                    Some(at) => {
-                        self.buf.advance(at + delimiter_len);
-                        self.state = State::AfterDelimiter;
+                State::Preamble => {
+                    let found = self.dash_boundary.find(&self.buf);
+                    // What is before the boundary (or, while it has not come,
+                    // all but what could be its start) must be blank.
+                    let before = match found {
+                        Some(at) => &self.buf[..at],
+                        None => &self.buf[..self.buf.len().saturating_sub(len - 1)],
+                    };
+                    let blank = before.iter().all(|&b| is_blank(b));
+                    if !blank || (found.is_some() && !before.ends_with(b"\r\n")) {
+                        return malformed(
+                            "text before the first boundary line (a preamble), which parsers read differently; start the body with the boundary line",
+                        );
                     }
-                    None if eof => {
-                        return malformed("the body has no multipart boundary line");
-                    }
-                    None => {
-                        // Keep what could be the start of a delimiter.
-                        let keep = delimiter_len - 1;
-                        if self.buf.len() > keep {
-                            self.buf.advance(self.buf.len() - keep);
+                    match found {
+                        Some(at) => {
+                            self.buf.advance(at + len);
+                            self.state = State::AfterDelimiter;
                         }
-                        return Ok(None);
+                        None if eof => {
+                            return malformed("the body has no multipart boundary line")
+                        }
+                        None if self.buf.len() > MAX_BLANK => {
+                            return malformed("no multipart boundary line at the start of the body")
+                        }
+                        None => return Ok(None),
                     }
-                },
+                }
                 State::AfterDelimiter => {
                     let padding = self.buf.iter().take_while(|&&b| is_ows(b)).count();
                     let rest = &self.buf[padding..];
                     let more_needed = match (padding, rest) {
+                        (_, _) if padding > MAX_PADDING => false,
                         (0, [b'-', b'-', ..]) => {
                             self.buf.advance(2);
                             self.state = State::CloseLine;
@@ -375,7 +416,7 @@ impl Parser {
                             self.state = State::Headers;
                             continue;
                         }
-                        (0, [b'-']) | (_, [] | [b'\r']) => padding <= 64,
+                        (0, [b'-']) | (_, [] | [b'\r']) => true,
                         _ => false,
                     };
                     if !more_needed {
@@ -412,23 +453,36 @@ impl Parser {
                             MAX_PART_HEADERS / 1024
                         ));
                     }
+                    if self.dash_boundary.find(&self.buf[..consumed]).is_some() {
+                        return malformed("the boundary string inside a part's headers");
+                    }
                     let headers = parse_part_headers(&self.buf[..end])?;
                     self.buf.advance(consumed);
                     self.state = State::Content;
                     return Ok(Some(Event::Part(headers)));
                 }
-                State::Content => match self.delimiter.find(&self.buf) {
-                    Some(0) => {
-                        self.buf.advance(delimiter_len);
+                State::Content => match self.dash_boundary.find(&self.buf) {
+                    Some(at) if at >= 2 && self.buf[at - 2..at] == *b"\r\n" => {
+                        if at > 2 {
+                            let data = self.buf.split_to(at - 2).freeze();
+                            return Ok(Some(Event::Data(data)));
+                        }
+                        self.buf.advance(2 + len);
                         self.state = State::AfterDelimiter;
                         return Ok(Some(Event::PartEnd));
                     }
-                    Some(at) => return Ok(Some(Event::Data(self.buf.split_to(at).freeze()))),
+                    Some(_) => {
+                        return malformed(
+                            "the boundary string inside a part, not at the start of a line of its own (parsers that also split at a bare line feed, or anywhere, would see another part there)",
+                        )
+                    }
                     None if eof => {
                         return malformed("the body ended inside a part (no closing boundary)");
                     }
                     None => {
-                        let keep = delimiter_len - 1;
+                        // Keep what could be a line end and the start of
+                        // the boundary: the next search sees them whole.
+                        let keep = len + 1;
                         if self.buf.len() > keep {
                             let ready = self.buf.len() - keep;
                             return Ok(Some(Event::Data(self.buf.split_to(ready).freeze())));
@@ -439,7 +493,13 @@ impl Parser {
                 State::CloseLine => {
                     let padding = self.buf.iter().take_while(|&&b| is_ows(b)).count();
                     let rest = &self.buf[padding..];
-                    if rest.starts_with(b"\r\n") || (rest.is_empty() && eof) {
+                    if padding > MAX_PADDING {
+                        return malformed("too much padding after the closing boundary");
+                    }
+                    if rest.starts_with(b"\r\n") {
+                        self.buf.advance(padding + 2);
+                        self.state = State::Epilogue;
+                    } else if rest.is_empty() && eof {
                         self.buf.clear();
                         self.state = State::Epilogue;
                     } else if (rest.is_empty() || rest == b"\r") && !eof {
@@ -449,10 +509,16 @@ impl Parser {
                     }
                 }
                 State::Epilogue => {
-                    // Ignored (RFC 2046), but read to its end: what the
-                    // client sent is consumed, and counted against the
-                    // request's limit.
+                    if !self.buf.iter().all(|&b| is_blank(b)) {
+                        return malformed(
+                            "text after the closing boundary (an epilogue), which some parsers read as more parts",
+                        );
+                    }
+                    self.blank += self.buf.len();
                     self.buf.clear();
+                    if self.blank > MAX_BLANK {
+                        return malformed("too much after the closing boundary");
+                    }
                     if eof {
                         self.state = State::Done;
                         return Ok(Some(Event::End));
@@ -567,6 +633,12 @@ impl Multipart {
             .await?;
             match event {
                 Event::Part(headers) => {
+                    if headers.name != self.file_field && alias_of(&headers.name, self.file_field) {
+                        return Err(Error::Malformed(Malformed(format!(
+                            "a part named {:?}, which some frameworks read as {:?} (PHP trims spaces and takes \"[...]\" as an array; ASP.NET ignores case); name the file part exactly {:?}",
+                            headers.name, self.file_field, self.file_field
+                        ))));
+                    }
                     let limit = (headers.name != self.file_field).then_some(self.max_field);
                     return Ok(Some(Field {
                         inner: self.inner.clone(),
@@ -581,6 +653,17 @@ impl Multipart {
             }
         }
     }
+}
+
+/// Whether some framework would take a part named `name` for `field`:
+/// PHP drops leading spaces and reads `field[...]` as an array of that
+/// name; ASP.NET model binding ignores case.
+fn alias_of(name: &str, field: &str) -> bool {
+    let name = name.trim_matches([' ', '\t']);
+    name.eq_ignore_ascii_case(field)
+        || name.get(..field.len()).is_some_and(|start| {
+            start.eq_ignore_ascii_case(field) && name[field.len()..].starts_with('[')
+        })
 }
 
 /// One part's content, as a stream of chunks. It ends at the part's
@@ -676,10 +759,11 @@ mod tests {
 
     #[test]
     fn what_browsers_and_curl_send_is_read_exactly() {
-        let body = b"preamble\r\n--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n\
+        // A blank line before the first boundary and after the last.
+        let body = b"\r\n--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n\
 --XyZ  \r\ncontent-disposition: Form-Data; Name=note2; filename=\"\xc3\xa9t\xc3\xa9.txt\"\r\n\r\n\r\n\r\n\
 --XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"C:\\dir\\a.txt\"\r\n\
-Content-Type: application/octet-stream\r\n\r\n\x00\r\n-\r\n--X\r\n--XyZ--\r\nepilogue";
+Content-Type: application/octet-stream\r\n\r\n\x00\r\n-\r\n--X\r\n--XyZ--\r\n\r\n";
         assert_eq!(
             parse_all_steps(body).unwrap(),
             vec![
@@ -695,6 +779,15 @@ Content-Type: application/octet-stream\r\n\r\n\x00\r\n-\r\n--X\r\n--XyZ--\r\nepi
         assert_eq!(
             (parsed.name.as_str(), parsed.filename.as_deref()),
             ("decoy", Some("x; name=file;"))
+        );
+        // .NET's MultipartFormDataContent: filename* beside filename, an
+        // unquoted name; the plain filename is the one reported.
+        let dotnet =
+            b"Content-Disposition: form-data; name=file; filename=a.txt; filename*=utf-8''a.txt";
+        let parsed = parse_part_headers(dotnet).unwrap();
+        assert_eq!(
+            (parsed.name.as_str(), parsed.filename.as_deref()),
+            ("file", Some("a.txt"))
         );
         // The first delimiter at the very start, no line end after the
         // closing one, an empty part.
@@ -715,7 +808,19 @@ Content-Type: application/octet-stream\r\n\r\n\x00\r\n-\r\n--X\r\n--XyZ--\r\nepi
             ("two dispositions", part("Content-Disposition: form-data; name=\"decoy\"\r\nContent-Disposition: form-data; name=\"file\"")),
             ("two encodings", part("Content-Disposition: form-data; name=\"file\"\r\nContent-Transfer-Encoding: base64\r\ncontent-transfer-encoding: binary")),
             ("name*", part("Content-Disposition: form-data; name*=UTF-8''file")),
-            ("filename*", part("Content-Disposition: form-data; name=\"file\"; filename*=UTF-8''a.txt")),
+            ("filename* twice", part("Content-Disposition: form-data; name=\"file\"; filename*=UTF-8''a; filename*=UTF-8''b")),
+            ("text before the first boundary", b"x\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--\r\n".to_vec()),
+            ("a bare LF before the first boundary", b"\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--\r\n".to_vec()),
+            ("a part after the closing boundary", b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\ncd\r\n--XyZ--\r\n".to_vec()),
+            ("text after the closing boundary", b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--\r\nepilogue".to_vec()),
+            ("a bare LF before a boundary inside a part", b"--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nx\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--\r\n".to_vec()),
+            ("a bare CR before a boundary inside a part", b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nx\r--XyZ\r\n\r\n--XyZ--\r\n".to_vec()),
+            ("the boundary mid-line inside a part", b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nx--XyZ\r\n--XyZ--\r\n".to_vec()),
+            ("the boundary right after the headers", b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\n--XyZ--\r\n".to_vec()),
+            ("the boundary in a header", part("Content-Disposition: form-data; name=\"file\"; filename=\"--XyZ\"")),
+            ("too much padding after a boundary", format!("--XyZ{}\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--\r\n", " ".repeat(70)).into_bytes()),
+            ("too much padding after the closing boundary", format!("--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--{}", " ".repeat(70)).into_bytes()),
+            ("too many blank lines after the closing boundary", format!("--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--\r\n{}", "\r\n".repeat(600)).into_bytes()),
             ("escaped quote", part("Content-Disposition: form-data; name=\"decoy\"; filename=\"a\\\"; name=\\\"file\"")),
             ("no disposition", part("Content-Type: text/plain")),
             ("no name", part("Content-Disposition: form-data; filename=\"a\"")),
@@ -807,9 +912,9 @@ Content-Type: application/octet-stream\r\n\r\n\x00\r\n-\r\n--X\r\n--XyZ--\r\nepi
                 Ok(parts) => {
                     accepted += 1;
                     // What is accepted is all framing or content: the
-                    // content never holds the delimiter.
+                    // content never holds the boundary string.
                     for (_, content) in parts {
-                        assert!(memmem::find(&content, b"\r\n--XyZ").is_none());
+                        assert!(memmem::find(&content, b"--XyZ").is_none());
                     }
                 }
                 Err(_) => refused += 1,
@@ -820,6 +925,20 @@ Content-Type: application/octet-stream\r\n\r\n\x00\r\n-\r\n--X\r\n--XyZ--\r\nepi
             accepted > 1000 && refused > 1000,
             "{accepted} accepted, {refused} refused"
         );
+    }
+
+    #[test]
+    fn names_some_framework_reads_as_file_are_aliases() {
+        for alias in [
+            " file", "file ", "FILE", "File", "file[]", "file[0]", "FILE[x]",
+        ] {
+            assert!(alias_of(alias, "file"), "{alias:?}");
+        }
+        for other in [
+            "file", "files", "profile", "note", "fil", "file_", "file2[]",
+        ] {
+            assert!(other == "file" || !alias_of(other, "file"), "{other:?}");
+        }
     }
 
     #[test]
