@@ -86,9 +86,11 @@ struct BackendState {
     /// The backend's database directory on this host, when known: dates an
     /// unsigned database by its files.
     database_dir: Option<PathBuf>,
-    /// The files are to be dated at the next successful probe (see
-    /// [`Backend::database_reloaded`]).
-    redate: bool,
+    /// Loads of the database so far (see [`Backend::database_reloaded`]),
+    /// and the load the files were last dated after: they are dated again
+    /// while the two differ.
+    loads: u64,
+    dated_load: Option<u64>,
 }
 
 /// Where a backend's database time comes from.
@@ -166,7 +168,8 @@ impl Backend {
                 database_time: None,
                 dated_by: None,
                 database_dir: None,
-                redate: true,
+                loads: 0,
+                dated_load: None,
             }),
         }
     }
@@ -177,7 +180,7 @@ impl Backend {
     pub fn set_database_dir(&self, dir: Option<PathBuf>) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         state.database_dir = dir;
-        state.redate = true;
+        state.dated_load = None;
     }
 
     /// Takes the backend out of rotation (or puts it back): while other
@@ -280,23 +283,29 @@ impl Backend {
     /// call. A file clamd refused (a reload that failed) then does not make
     /// the database it kept look fresh.
     pub fn database_reloaded(&self) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).redate = true;
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).loads += 1;
     }
 
     /// The date of the database as of its last load (see
     /// [`Backend::database_reloaded`]).
     async fn date_by_files(&self) -> Option<(SystemTime, DatabaseDating)> {
-        let dir = {
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (dir, load) = {
+            let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let dir = state.database_dir.clone()?;
-            if !std::mem::take(&mut state.redate) {
+            if state.dated_load == Some(state.loads) {
                 return state.database_time.zip(state.dated_by);
             }
-            dir
+            (dir, state.loads)
         };
         let newest =
             tokio::task::spawn_blocking(move || crate::database::newest_signature_mtime(&dir));
-        newest.await.ok()?.map(|t| (t, DatabaseDating::Files))
+        let newest = newest.await.ok()??;
+        // Dated: not again until the next load.
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .dated_load = Some(load);
+        Some((newest, DatabaseDating::Files))
     }
 
     /// Probes readiness with a real scan of EICAR, then asks for VERSION.

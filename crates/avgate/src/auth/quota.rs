@@ -323,8 +323,9 @@ impl Drop for FileReservation {
 }
 
 /// Runs `reserve` (true: granted) in a task of its own and answers what it
-/// answered. If the caller is gone by then (its request was dropped), a
-/// granted reservation is given back with `give_back` (see the module's
+/// answered. A granted reservation travels back with a [`GiveBack`]: if
+/// nobody takes it (the request was dropped before or while the answer
+/// arrived), dropping it runs `give_back` (see the module's
 /// documentation).
 async fn reserve_detached<R, G>(
     store: Arc<dyn Store>,
@@ -334,24 +335,50 @@ async fn reserve_detached<R, G>(
 ) -> Result<bool, StoreError>
 where
     R: Future<Output = Result<bool, StoreError>> + Send + 'static,
-    G: Future<Output = Result<(), StoreError>> + Send,
+    G: Future<Output = Result<(), StoreError>> + Send + 'static,
 {
     let (answer, answered) = tokio::sync::oneshot::channel();
     let reserve = reserve(store.clone(), id.clone());
     tokio::spawn(async move {
         let result = reserve.await;
-        let granted = matches!(result, Ok(true));
-        if answer.send(result).is_err() && granted {
-            if let Err(e) = give_back(store, id.clone()).await {
-                tracing::error!(error = %e, token_id = %id, "cannot give back a reservation whose request was dropped");
+        let guard = matches!(result, Ok(true)).then(|| GiveBack {
+            undo: Some(Box::pin(async move {
+                if let Err(e) = give_back(store, id.clone()).await {
+                    tracing::error!(error = %e, token_id = %id, "cannot give back a reservation whose request was dropped");
+                }
+            })),
+        });
+        // Refused (the request is gone): the guard comes back and is
+        // dropped here, which gives the reservation back.
+        let _ = answer.send((result, guard));
+    });
+    match answered.await {
+        Ok((result, guard)) => {
+            if let Some(mut guard) = guard {
+                guard.undo = None; // ours now
+            }
+            result
+        }
+        Err(_) => Err(StoreError::Backend(
+            "the quota reservation task ended".into(),
+        )),
+    }
+}
+
+/// A granted reservation on its way to its request; given back if dropped
+/// before the request takes it.
+struct GiveBack {
+    undo: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Drop for GiveBack {
+    fn drop(&mut self) {
+        if let Some(undo) = self.undo.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(undo);
             }
         }
-    });
-    answered.await.unwrap_or_else(|_| {
-        Err(StoreError::Backend(
-            "the quota reservation task ended".into(),
-        ))
-    })
+    }
 }
 
 /// Seconds until the month after `month` starts (UTC).

@@ -431,8 +431,8 @@ impl ManagedClamd {
             // (A failure is logged; clamd starts with the directory as it is.)
             let _ = self.resync().await;
             let started = Instant::now();
-            let mut child = match self.spawn() {
-                Ok(child) => child,
+            let (mut child, forwarders) = match self.spawn() {
+                Ok(spawned) => spawned,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start clamd");
                     self.update(|s| {
@@ -469,7 +469,12 @@ impl ManagedClamd {
                         Err(e) => e.to_string(),
                     };
                     // What clamd said last is usually why (a signature
-                    // file it cannot load).
+                    // file it cannot load): its last lines first.
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        futures_util::future::join_all(forwarders),
+                    )
+                    .await;
                     let problem = self
                         .last_problem
                         .lock()
@@ -536,7 +541,9 @@ impl ManagedClamd {
         }
     }
 
-    fn spawn(&self) -> anyhow::Result<Child> {
+    /// Starts clamd, with tasks that forward its output to our log (they
+    /// end when it has exited and its pipes are read).
+    fn spawn(&self) -> anyhow::Result<(Child, Vec<tokio::task::JoinHandle<()>>)> {
         let mut child = Command::new(&self.executable)
             .arg("--config-file")
             .arg(&self.config_path)
@@ -550,24 +557,25 @@ impl ManagedClamd {
         // clamd's own log lines go into ours, tagged, so one log stream
         // tells the whole story.
         *self.last_problem.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut forwarders = Vec::new();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward_lines(
+            forwarders.push(tokio::spawn(forward_lines(
                 out,
                 self.events.clone(),
                 self.last_problem.clone(),
-            ));
+            )));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward_lines(
+            forwarders.push(tokio::spawn(forward_lines(
                 err,
                 self.events.clone(),
                 self.last_problem.clone(),
-            ));
+            )));
         }
         // A new clamd loads the directory as it is (synced just before).
         self.database_loaded();
         self.events.send_replace(ClamdEvent::Started);
-        Ok(child)
+        Ok((child, forwarders))
     }
 
     /// A clamd left over from an avgate that was killed (SIGKILL leaves
@@ -614,6 +622,11 @@ async fn forward_lines(
                 events.send_replace(ClamdEvent::ReloadFailed(last_error.clone()));
             }
             Some(event) => {
+                if matches!(event, ClamdEvent::Reloaded { .. }) {
+                    // Errors before a reload that worked are not why it
+                    // would exit later.
+                    *last_problem.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
                 events.send_replace(event);
             }
             None if line.contains("ERROR") => last_error = line.to_owned(),
