@@ -309,6 +309,42 @@ async fn multipart_bodies_that_parsers_read_differently_are_refused() {
                 + "--B--\r\n",
         ),
         (
+            "an unquoted boundary that Werkzeug ends at a parenthesis",
+            "multipart/form-data; boundary=B(x)",
+            format!("--B(x)\r\n{}\r\n\r\nhello\r\n", cd(r#"name="file"; filename="a""#))
+                + &part(&cd(r#"name="file"; filename="evil""#), &eicar)
+                + "--B--\r\n\r\n--B(x)--\r\n",
+        ),
+        (
+            "an unquoted name that Werkzeug cuts to file",
+            ct,
+            part(&cd(r#"name=file(x); filename="evil""#), &eicar)
+                + &part(&cd(r#"name="file"; filename="clean""#), "clean")
+                + "--B--\r\n",
+        ),
+        (
+            "a name that Werkzeug unescapes to file",
+            ct,
+            part(&cd(r#"name="fi\le"; filename="evil""#), &eicar)
+                + &part(&cd(r#"name="file"; filename="clean""#), "clean")
+                + "--B--\r\n",
+        ),
+        (
+            "a name Django strips to file",
+            ct,
+            part(&cd(r#"name="file"; filename="clean""#), "clean")
+                + &part(&cd("name=file\u{a0}; filename=\"evil\""), &eicar)
+                + "--B--\r\n",
+        ),
+        (
+            "a file part that busboy decodes from UTF-16",
+            ct,
+            part(
+                &(cd(r#"name="file""#) + "\r\nContent-Type: text/plain; charset=utf-16le"),
+                &eicar,
+            ) + "--B--\r\n",
+        ),
+        (
             "a folded header line",
             ct,
             part("Content-Disposition: form-data; name=\"decoy\";\r\n name=\"file\"", &eicar)

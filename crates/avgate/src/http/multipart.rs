@@ -96,6 +96,8 @@ pub struct PartHeaders {
     pub filename: Option<String>,
     /// Content-Transfer-Encoding, if the part has one.
     pub transfer_encoding: Option<String>,
+    /// The `charset` of the part's Content-Type, if it has one.
+    pub charset: Option<String>,
 }
 
 fn is_tchar(b: u8) -> bool {
@@ -157,21 +159,14 @@ fn parse_header_value(value: &[u8]) -> Result<(&[u8], Vec<(String, Vec<u8>)>), M
             rest = &quoted[close + 1..];
             inside.to_vec()
         } else {
-            // Unquoted: up to the next ";" or space. Stricter than RFC
-            // 9110's token (which has no "=", as in "----=_Part_1"), as
-            // lenient as parsers that split at ";", and never read in two
-            // ways: a quote is refused.
-            let len = rest
-                .iter()
-                .take_while(|&&b| b != b';' && !is_ows(b))
-                .count();
+            // Unquoted: an RFC 9110 token, nothing more. Parsers end an
+            // unquoted value at different characters ("(", "=", "/",
+            // non-ASCII...), so text past a token is refused, not read.
+            let len = rest.iter().take_while(|&&b| is_tchar(b)).count();
             if len == 0 {
                 return malformed(format!("the parameter {name:?} has an empty value"));
             }
             let token = rest[..len].to_vec();
-            if token.contains(&b'"') {
-                return malformed(format!("a quote inside the unquoted parameter {name:?}"));
-            }
             rest = &rest[len..];
             token
         };
@@ -197,6 +192,7 @@ pub fn parse_part_headers(block: &[u8]) -> Result<PartHeaders, Malformed> {
     let mut seen: Vec<String> = Vec::new();
     let mut disposition = None;
     let mut transfer_encoding = None;
+    let mut content_type = None;
     let lines = if block.is_empty() {
         Vec::new()
     } else {
@@ -234,6 +230,7 @@ pub fn parse_part_headers(block: &[u8]) -> Result<PartHeaders, Malformed> {
             "content-transfer-encoding" => {
                 transfer_encoding = Some(String::from_utf8_lossy(value).into_owned())
             }
+            "content-type" => content_type = Some(value),
             _ => {}
         }
         seen.push(name);
@@ -257,13 +254,27 @@ pub fn parse_part_headers(block: &[u8]) -> Result<PartHeaders, Malformed> {
     let Some(name) = name else {
         return malformed("a part without a name in its Content-Disposition");
     };
+    // A backslash in a name is an escape to some parsers ("fi\\le" is
+    // "file" to Werkzeug) and a character to others.
+    if name.contains(&b'\\') {
+        return malformed("a backslash in a part name, which parsers read differently");
+    }
     let Ok(name) = String::from_utf8(name) else {
         return malformed("a part name that is not UTF-8");
+    };
+    let charset = match content_type {
+        Some(value) => parse_header_value(value)?
+            .1
+            .into_iter()
+            .find(|(key, _)| key == "charset")
+            .map(|(_, v)| String::from_utf8_lossy(&v).into_owned()),
+        None => None,
     };
     Ok(PartHeaders {
         name,
         filename,
         transfer_encoding,
+        charset,
     })
 }
 
@@ -659,7 +670,13 @@ impl Multipart {
 /// PHP drops leading spaces and reads `field[...]` as an array of that
 /// name; ASP.NET model binding ignores case.
 fn alias_of(name: &str, field: &str) -> bool {
-    let name = name.trim_matches([' ', '\t']);
+    // An RFC 2047 encoded word ("=?utf-8?q?file?=") is decoded by some
+    // (Python's email package).
+    if name.contains("=?") {
+        return true;
+    }
+    // Python's str.strip() removes any Unicode whitespace.
+    let name = name.trim_matches(char::is_whitespace);
     name.eq_ignore_ascii_case(field)
         || name.get(..field.len()).is_some_and(|start| {
             start.eq_ignore_ascii_case(field) && name[field.len()..].starts_with('[')
@@ -752,6 +769,7 @@ mod tests {
                 name: name.into(),
                 filename: filename.map(Into::into),
                 transfer_encoding: None,
+                charset: None,
             },
             content.to_vec(),
         )
@@ -827,6 +845,10 @@ Content-Type: application/octet-stream\r\n\r\n\x00\r\n-\r\n--X\r\n--XyZ--\r\n\r\
             ("not form-data", part("Content-Disposition: attachment; name=\"file\"")),
             ("folded line", part("Content-Disposition: form-data;\r\n name=\"file\"")),
             ("no colon", part("Content-Disposition form-data; name=\"file\"")),
+            ("an unquoted name with more than a token", part("Content-Disposition: form-data; name=file(x); filename=\"e\"")),
+            ("an unquoted name with non-ASCII", part("Content-Disposition: form-data; name=file\u{a0}")),
+            ("a backslash in a quoted name", part("Content-Disposition: form-data; name=\"fi\\le\"")),
+            ("a comment hiding a parameter", part("Content-Disposition: form-data; a=(x; c=\"); name=file; d=(\"; name=decoy")),
             ("LF only", b"--XyZ\nContent-Disposition: form-data; name=\"file\"\n\ndata\n--XyZ--\n".to_vec()),
             ("lone LF in headers", part("Content-Disposition: form-data; name=\"file\"\nX: y")),
             ("NUL in a header", part("Content-Disposition: form-data; name=\"fi\0le\"")),
@@ -930,7 +952,16 @@ Content-Type: application/octet-stream\r\n\r\n\x00\r\n-\r\n--X\r\n--XyZ--\r\n\r\
     #[test]
     fn names_some_framework_reads_as_file_are_aliases() {
         for alias in [
-            " file", "file ", "FILE", "File", "file[]", "file[0]", "FILE[x]",
+            " file",
+            "file ",
+            "FILE",
+            "File",
+            "file[]",
+            "file[0]",
+            "FILE[x]",
+            "file\u{a0}",
+            "\u{3000}file",
+            "=?utf-8?q?file?=",
         ] {
             assert!(alias_of(alias, "file"), "{alias:?}");
         }
@@ -951,11 +982,23 @@ Content-Type: application/octet-stream\r\n\r\n\x00\r\n-\r\n--X\r\n--XyZ--\r\n\r\
             boundary(b"Multipart/Form-Data;charset=utf-8;  BOUNDARY=\"a b:c\"").unwrap(),
             b"a b:c"
         );
-        // "=" unquoted, as some MIME libraries write it.
+        // Quoted, any character RFC 2046 allows; unquoted, a token only
+        // (Werkzeug ends "XyZ(x)" at the parenthesis).
         assert_eq!(
-            boundary(b"multipart/form-data; boundary=----=_Part_0_1").unwrap(),
+            boundary(b"multipart/form-data; boundary=\"----=_Part_0_1\"").unwrap(),
             b"----=_Part_0_1"
         );
+        for unquoted in [
+            "----=_Part_0_1",
+            "XyZ(x)",
+            "XyZ,x",
+            "XyZ?x",
+            "XyZ:x",
+            "XyZ/x",
+        ] {
+            let ct = format!("multipart/form-data; boundary={unquoted}");
+            assert!(boundary(ct.as_bytes()).is_err(), "{unquoted}");
+        }
         for bad in [
             &b"multipart/form-data; boundary=A; boundary=B"[..],
             b"multipart/form-data; boundary=A; Boundary=A",

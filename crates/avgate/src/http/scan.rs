@@ -419,6 +419,23 @@ impl Form {
                     .with_filename(field.headers.filename.as_deref().and_then(filename::sanitize)));
                 }
             }
+            // A text part in another charset is handed to the application
+            // decoded by some parsers (busboy): scanned as sent, it would be
+            // another file.
+            if let Some(charset) = &field.headers.charset {
+                let as_sent = ["utf-8", "utf8", "us-ascii", "ascii"]
+                    .iter()
+                    .any(|ok| charset.eq_ignore_ascii_case(ok));
+                if !as_sent {
+                    return Err(ApiError::new(
+                        Code::InvalidMultipart,
+                        format!(
+                            "the file part has Content-Type charset={charset}, which some parsers decode; send the file as application/octet-stream"
+                        ),
+                    )
+                    .with_filename(field.headers.filename.as_deref().and_then(filename::sanitize)));
+                }
+            }
             return Ok(Some(Part::File(Box::new(field))));
         }
         // Other form fields are read and dropped (bounded by max_field_size).
