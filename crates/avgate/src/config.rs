@@ -1026,22 +1026,33 @@ impl Serialize for Humantime {
 fn serialize_url_redacted<S: Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     match url {
         None => s.serialize_none(),
-        Some(url) => {
-            let redacted = match url.split_once("://") {
-                Some((scheme, rest)) => {
-                    let authority_end = rest.find('/').unwrap_or(rest.len());
-                    match rest[..authority_end].rsplit_once('@') {
-                        Some((_, host)) => {
-                            format!("{scheme}://***@{host}{}", &rest[authority_end..])
-                        }
-                        None => url.clone(),
-                    }
-                }
-                None => url.clone(),
-            };
-            s.serialize_some(&redacted)
-        }
+        Some(url) => s.serialize_some(&redact_credentials(url)),
     }
+}
+
+/// `text` with the user and password of every URL in it replaced by `***`
+/// (`http://user:pw@host/` → `http://***@host/`): for URLs printed or
+/// logged, such as freshclam's lines about a private mirror.
+pub fn redact_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        let authority_end = after
+            .find(|c: char| c == '/' || c == '"' || c == '\'' || c.is_whitespace())
+            .unwrap_or(after.len());
+        match after[..authority_end].rsplit_once('@') {
+            Some((_, host)) => {
+                out.push_str("***@");
+                out.push_str(host);
+            }
+            None => out.push_str(&after[..authority_end]),
+        }
+        rest = &after[authority_end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 impl<'de> Deserialize<'de> for Humantime {
@@ -1455,6 +1466,28 @@ enabled = false
             Duration::from_secs(120)
         );
         assert!("2 weeks".parse::<Humantime>().is_err());
+    }
+
+    #[test]
+    fn credentials_in_urls_are_masked_wherever_they_are() {
+        assert_eq!(
+            redact_credentials(
+                "WARNING: remote_cvdhead: file not found: http://u:Sup3r@127.0.0.1:1//daily.cld"
+            ),
+            "WARNING: remote_cvdhead: file not found: http://***@127.0.0.1:1//daily.cld"
+        );
+        assert_eq!(
+            redact_credentials("using https://a:b@m.example and ftp://c@n.example:21 now"),
+            "using https://***@m.example and ftp://***@n.example:21 now"
+        );
+        for plain in ["http://m.example/x", "no url", "a://", "http://host@"] {
+            let expected = if plain == "http://host@" {
+                "http://***@"
+            } else {
+                plain
+            };
+            assert_eq!(redact_credentials(plain), expected);
+        }
     }
 
     #[test]

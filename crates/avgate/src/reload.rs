@@ -86,10 +86,20 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
     keys.sort();
     keys.dedup();
-    keys.into_iter()
+    let mut changed: Vec<String> = keys
+        .into_iter()
         .filter(|k| before.get(*k) != after.get(*k))
         .cloned()
-        .collect()
+        .collect();
+    // Printed masked (its password), so the tables cannot tell a new
+    // password from the old one.
+    if old.updates.private_mirror != new.updates.private_mirror
+        && !changed.iter().any(|k| k == "updates")
+    {
+        changed.push("updates".into());
+        changed.sort();
+    }
+    changed
 }
 
 #[cfg(test)]
@@ -113,5 +123,11 @@ mod tests {
         new.idle_timeout = Humantime(std::time::Duration::from_secs(5));
         new.policy.ignore_after_scan = true;
         assert_eq!(needs_restart(&old, &new), ["idle_timeout"]);
+        // A new password for the private mirror (masked when printed).
+        let mut old = old.clone();
+        old.updates.private_mirror = Some("http://u:one@m.example/".into());
+        let mut new = old.clone();
+        new.updates.private_mirror = Some("http://u:two@m.example/".into());
+        assert_eq!(needs_restart(&old, &new), ["updates"]);
     }
 }

@@ -405,6 +405,17 @@ async fn each_scan_logs_one_json_line_with_its_context_and_no_content() {
         "{clean}"
     );
 
+    // Refused before any scan: the request line says why.
+    let r = client
+        .post(format!("{base}/v1/scan"))
+        .bearer_auth(&token)
+        .multipart(reqwest::multipart::Form::new().text("note", "no file"))
+        .send()
+        .await
+        .unwrap();
+    let refused_id = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(r.status(), 400);
+
     let text = scrape_metrics(
         &client,
         format!("127.0.0.1:{metrics_port}").parse().unwrap(),
@@ -476,6 +487,22 @@ async fn each_scan_logs_one_json_line_with_its_context_and_no_content() {
     assert_eq!(other["sha256"], clean["sha256"]);
     assert_eq!(other["filename"], "q3 reportfdp.exe", "sanitized");
     assert_eq!(other["filename"], clean["filename"], "as answered");
+
+    let request_line = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["message"] == "request" && l["span"]["request_id"] == id)
+            .unwrap_or_else(|| panic!("no request line for {id}:\n{log}"))
+    };
+    let refused = request_line(&refused_id);
+    assert_eq!(
+        (refused["status"].as_u64(), refused["code"].as_str()),
+        (Some(400), Some("missing_file")),
+        "{refused}"
+    );
+    let answered = request_line(&infected_id);
+    assert_eq!(answered["status"], 200, "{answered}");
+    assert!(answered.get("code").is_none(), "{answered}");
 
     assert!(!log.contains(&token), "a token in the log");
     assert!(!log.contains(&token[4..20]), "part of a token in the log");

@@ -171,14 +171,28 @@ async fn request_context(
     let elapsed = started.elapsed();
     metrics.request_done(route, &method, &response, elapsed);
     let status = response.status().as_u16();
-    span.in_scope(|| {
-        tracing::info!(
+    // The error's code, so that a refusal before any scan (no `scanned`
+    // line) says which one it was.
+    let code = response
+        .extensions()
+        .get::<error::ErrorCode>()
+        .map(|c| c.0.as_str());
+    span.in_scope(|| match code {
+        Some(code) => tracing::info!(
+            method = %method,
+            route = %route,
+            status,
+            code,
+            duration_ms = elapsed.as_millis() as u64,
+            "request"
+        ),
+        None => tracing::info!(
             method = %method,
             route = %route,
             status,
             duration_ms = elapsed.as_millis() as u64,
             "request"
-        );
+        ),
     });
     response
 }

@@ -347,6 +347,9 @@ async fn forward_lines(pipe: impl tokio::io::AsyncRead + Unpin) {
         if line.is_empty() {
             continue;
         }
+        // freshclam names the mirror in its lines, with the user and
+        // password of a private mirror's URL.
+        let line = crate::config::redact_credentials(line);
         if line.contains("ERROR") || line.contains("WARNING") {
             tracing::warn!(target: "freshclam", "{line}");
         } else {
