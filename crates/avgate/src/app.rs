@@ -245,6 +245,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         };
         tokio::spawn(m.supervise(clamd_stop.clone(), on_exit))
     });
+    // The metrics listener stays up until the public listener has drained:
+    // a drain of in-flight scans can be watched (and scraped) to its end.
+    let metrics_stop = CancellationToken::new();
     if let Some(listener) = metrics_listener {
         // Its own small limits: a scraper needs a connection or two.
         let limits = ServerLimits {
@@ -253,7 +256,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             idle_timeout: config.idle_timeout.0,
             shutdown_timeout: config.shutdown_timeout.0,
         };
-        let stop = stop.clone();
+        let stop = metrics_stop.clone();
         let app = crate::metrics::router(metrics);
         tasks.push(tokio::spawn(
             async move { server::serve(listener, app, limits, None, stop.cancelled_owned()).await }
@@ -304,6 +307,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             if let Some(task) = managed_task {
                 let _ = task.await;
             }
+            metrics_stop.cancel();
         }));
     }
     tracing::info!(

@@ -16,14 +16,13 @@ use serde_json::Value;
 /// The binary without tokens, with the configuration file `config` if
 /// any; without one, no freshclam (no mirror is reachable from the tests).
 fn start(config: Option<&str>, env: &[(&str, &str)]) -> Server {
-    let mut server = Server::builder("avg-life");
-    for (key, value) in env {
-        server = server.env(key, value);
-    }
-    let server = server
+    let mut server = Server::builder("avg-life")
         .env("AVGATE_AUTH__REQUIRED", "false")
         .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
         .env_remove("AVGATE_LOG");
+    for (key, value) in env {
+        server = server.env(key, value);
+    }
     match config {
         Some(text) => server.config(text),
         None => server.env("AVGATE_UPDATES__ENABLED", "false"),
@@ -82,7 +81,14 @@ const CHUNKS: usize = 50;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_upload_in_flight_finish_then_exits_0() {
     // info lines wait for up to an hour here: only the exit writes them.
-    let mut server = start(None, &[("AVGATE_LOG_FLUSH_INTERVAL", "1h")]);
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut server = start(
+        None,
+        &[
+            ("AVGATE_LOG_FLUSH_INTERVAL", "1h"),
+            ("AVGATE_METRICS__LISTEN", &metrics.to_string()),
+        ],
+    );
     let ready = server.wait_ready(Duration::from_secs(60)).await;
     let clamd_pid = ready["managed_clamd"]["pid"].as_i64().unwrap();
 
@@ -118,6 +124,13 @@ async fn sigterm_lets_an_upload_in_flight_finish_then_exits_0() {
     assert!(
         sent.load(Ordering::SeqCst) <= CHUNKS,
         "the listener closed while the upload was still being sent"
+    );
+    // The drain can be watched: the metrics listener is still up, and
+    // shows the scan in flight.
+    let text = scrape_metrics(&reqwest::Client::new(), metrics).await;
+    assert!(
+        text.lines().any(|l| l == "avgate_scans_in_flight 1"),
+        "{text}"
     );
 
     let (status, body) = upload.await.unwrap();
