@@ -289,3 +289,34 @@ async fn sighup_reloads_configuration_and_signatures_without_dropping_a_request(
     let status = server.terminate(Duration::from_secs(60));
     assert!(status.success(), "{status:?}");
 }
+
+/// Past `shutdown_timeout` the uploads still in flight are cut off: the
+/// log says so, with how many connections were still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutdown_deadline_says_how_many_connections_it_cut_off() {
+    let mut server = start(None, &[("AVGATE_SHUTDOWN_TIMEOUT", "1s")]);
+    server.wait_ready(Duration::from_secs(60)).await;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let upload = slow_upload(&server, CHUNKS, sent.clone());
+    wait_in_flight(&server).await;
+    server.signal(Signal::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        sent.load(Ordering::SeqCst) <= CHUNKS,
+        "the upload ended before the deadline: the test did not test it"
+    );
+    assert!(upload.await.is_err(), "the cut-off upload was answered");
+    let lines = server.log_lines();
+    let deadline = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("shutdown deadline reached"))
+        })
+        .unwrap_or_else(|| panic!("no deadline line:\n{}", server.log_text()));
+    assert_eq!(deadline["level"], "WARN", "{deadline}");
+    // The upload's (an idle keep-alive connection closes at once).
+    assert!(deadline["connections"].as_u64() >= Some(1), "{deadline}");
+}

@@ -137,7 +137,12 @@ pub async fn serve(
     tokio::select! {
         _ = tasks.wait() => tracing::info!("all connections closed"),
         _ = tokio::time::sleep(limits.shutdown_timeout) => {
-            tracing::warn!("shutdown deadline reached with requests still in flight");
+            // TaskTracker counts the connection tasks still open: the
+            // requests about to be cut off (at most one each on HTTP/1).
+            tracing::warn!(
+                connections = tasks.len(),
+                "shutdown deadline reached with requests still in flight; they are cut off"
+            );
         }
     }
 }
