@@ -47,11 +47,7 @@ pub async fn scan_one(
                         "POST /v1/scan takes one part named \"file\"; use /v1/scan/batch for several",
                     ));
                 }
-                let name = field
-                    .headers
-                    .filename
-                    .as_deref()
-                    .and_then(filename::sanitize);
+                let name = part_filename(&field);
                 let body = field_stream(field);
                 // The part is no larger than the request around it.
                 let size = SizeHint::within(request_length);
@@ -99,11 +95,7 @@ pub async fn scan_batch(
             )
             .with_extra("results", partial(&results)));
         }
-        let name = field
-            .headers
-            .filename
-            .as_deref()
-            .and_then(filename::sanitize);
+        let name = part_filename(&field);
         let body = field_stream(field);
         let size = SizeHint::within(request_length);
         match scan_file(&state, &meter, &observe, name, body, size).await {
@@ -400,41 +392,10 @@ impl Form {
             ));
         }
         if field.headers.name == FILE_FIELD {
-            // The part's bytes are what gets scanned. An encoded part
-            // (base64, quoted-printable) would be scanned as its encoding
-            // while a consumer that decodes it gets something else, so it
-            // is refused; RFC 7578 deprecates the header for form data
-            // and no browser or curl sends it.
-            if let Some(cte) = &field.headers.transfer_encoding {
-                let identity = ["7bit", "8bit", "binary"]
-                    .iter()
-                    .any(|ok| cte.eq_ignore_ascii_case(ok));
-                if !identity {
-                    return Err(ApiError::new(
-                        Code::InvalidMultipart,
-                        format!(
-                            "the file part has Content-Transfer-Encoding: {cte}; send its bytes as they are (no encoding)"
-                        ),
-                    )
-                    .with_filename(field.headers.filename.as_deref().and_then(filename::sanitize)));
-                }
-            }
-            // A text part in another charset is handed to the application
-            // decoded by some parsers (busboy): scanned as sent, it would be
-            // another file.
-            if let Some(charset) = &field.headers.charset {
-                let as_sent = ["utf-8", "utf8", "us-ascii", "ascii"]
-                    .iter()
-                    .any(|ok| charset.eq_ignore_ascii_case(ok));
-                if !as_sent {
-                    return Err(ApiError::new(
-                        Code::InvalidMultipart,
-                        format!(
-                            "the file part has Content-Type charset={charset}, which some parsers decode; send the file as application/octet-stream"
-                        ),
-                    )
-                    .with_filename(field.headers.filename.as_deref().and_then(filename::sanitize)));
-                }
+            if let Some(why) = ambiguous_file_part(&field.headers) {
+                return Err(
+                    ApiError::new(Code::InvalidMultipart, why).with_filename(part_filename(&field))
+                );
             }
             return Ok(Some(Part::File(Box::new(field))));
         }
@@ -444,6 +405,47 @@ impl Form {
         }
         Ok(Some(Part::Other))
     }
+}
+
+/// The file part's name, sanitized (see [`filename::sanitize`]).
+fn part_filename(field: &Field) -> Option<String> {
+    field
+        .headers
+        .filename
+        .as_deref()
+        .and_then(filename::sanitize)
+}
+
+/// Why the file part would not be the same bytes to every reader, if it
+/// would not: the part's bytes are what gets scanned.
+fn ambiguous_file_part(headers: &multipart::PartHeaders) -> Option<String> {
+    // An encoded part (base64, quoted-printable) would be scanned as its
+    // encoding while a consumer that decodes it gets something else; RFC
+    // 7578 deprecates the header for form data and no browser or curl
+    // sends it.
+    if let Some(cte) = &headers.transfer_encoding {
+        if !["7bit", "8bit", "binary"]
+            .iter()
+            .any(|ok| cte.eq_ignore_ascii_case(ok))
+        {
+            return Some(format!(
+                "the file part has Content-Transfer-Encoding: {cte}; send its bytes as they are (no encoding)"
+            ));
+        }
+    }
+    // A text part in another charset is handed to the application decoded
+    // by some parsers (busboy).
+    if let Some(charset) = &headers.charset {
+        if !["utf-8", "utf8", "us-ascii", "ascii"]
+            .iter()
+            .any(|ok| charset.eq_ignore_ascii_case(ok))
+        {
+            return Some(format!(
+                "the file part has Content-Type charset={charset}, which some parsers decode; send the file as application/octet-stream"
+            ));
+        }
+    }
+    None
 }
 
 fn field_stream(
