@@ -293,26 +293,17 @@ pub fn check_files(config: &Config) -> Vec<String> {
             problems.push(format!("tls: {e:#}"));
         }
     }
-    let executable = |what: &str, path: &Option<PathBuf>| {
-        let path = path.as_ref()?;
-        use std::os::unix::fs::PermissionsExt;
-        match std::fs::metadata(path) {
-            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => None,
-            Ok(_) => Some(format!(
-                "{what} {} is not an executable file",
-                path.display()
-            )),
-            Err(e) => Some(format!("{what} {}: {e}", path.display())),
-        }
-    };
     let managed = config.clamd.backends.is_empty();
     if managed {
-        problems.extend(executable("managed.clamd_path", &config.managed.clamd_path));
+        // The lookups serve makes at start, so that the two agree.
+        if let Err(e) = crate::managed::find_clamd(config.managed.clamd_path.as_deref()) {
+            problems.push(format!("{e:#}"));
+        }
         if config.updates.enabled == Some(true) {
-            problems.extend(executable(
-                "updates.freshclam_path",
-                &config.updates.freshclam_path,
-            ));
+            let freshclam = config.updates.freshclam_path.as_deref();
+            if let Err(e) = crate::managed::updates::find_freshclam(freshclam) {
+                problems.push(format!("{e:#}"));
+            }
         }
         if let Some(dir) = &config.managed.database_dir {
             if !dir.is_dir() {

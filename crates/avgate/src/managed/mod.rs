@@ -717,19 +717,30 @@ async fn terminate(child: &mut Child) {
     let _ = child.kill().await;
 }
 
-fn find_clamd(configured: Option<&Path>) -> anyhow::Result<PathBuf> {
+/// A file that can be run: what `clamd_path` and `freshclam_path` must be.
+pub(crate) fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The clamd to run: `managed.clamd_path`, else the first on PATH or in
+/// /usr/sbin. Also what `check-config` checks.
+pub(crate) fn find_clamd(configured: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(path) = configured {
-        if path.is_file() {
+        if is_executable(path) {
             return Ok(path.to_owned());
         }
-        bail!("managed.clamd_path {} does not exist", path.display());
+        bail!(
+            "managed.clamd_path {} is not an executable file",
+            path.display()
+        );
     }
     let path_dirs = std::env::var_os("PATH").unwrap_or_default();
     let candidates = std::env::split_paths(&path_dirs)
         .chain(["/usr/sbin", "/usr/local/sbin", "/sbin"].map(PathBuf::from));
     for dir in candidates {
         let candidate = dir.join("clamd");
-        if candidate.is_file() {
+        if is_executable(&candidate) {
             return Ok(candidate);
         }
     }

@@ -212,18 +212,23 @@ fn current_user() -> Option<String> {
     })
 }
 
-fn find_freshclam(configured: Option<&Path>) -> anyhow::Result<PathBuf> {
+/// The freshclam to run: `updates.freshclam_path`, else the first on PATH
+/// or in /usr/bin. Also what `check-config` checks.
+pub(crate) fn find_freshclam(configured: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(path) = configured {
-        if path.is_file() {
+        if super::is_executable(path) {
             return Ok(path.to_owned());
         }
-        bail!("updates.freshclam_path {} does not exist", path.display());
+        bail!(
+            "updates.freshclam_path {} is not an executable file",
+            path.display()
+        );
     }
     let path_dirs = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path_dirs)
         .chain(["/usr/bin", "/usr/local/bin"].map(PathBuf::from))
         .map(|dir| dir.join("freshclam"))
-        .find(|candidate| candidate.is_file())
+        .find(|candidate| super::is_executable(candidate))
         .context("freshclam was not found (apt-get install clamav-freshclam)")
 }
 
