@@ -446,24 +446,20 @@ impl Parser {
                     } else {
                         memmem::find(&self.buf, b"\r\n\r\n").map(|at| (at, at + 4))
                     };
-                    let Some((end, consumed)) = block_end else {
-                        if self.buf.len() > MAX_PART_HEADERS {
-                            return malformed(format!(
-                                "a part's headers are larger than {} KiB",
-                                MAX_PART_HEADERS / 1024
-                            ));
-                        }
-                        if eof {
-                            return malformed("the body ended inside a part's headers");
-                        }
-                        return Ok(None);
-                    };
-                    if end > MAX_PART_HEADERS {
+                    // The block so far, whole or not.
+                    let block_len = block_end.map_or(self.buf.len(), |(end, _)| end);
+                    if block_len > MAX_PART_HEADERS {
                         return malformed(format!(
                             "a part's headers are larger than {} KiB",
                             MAX_PART_HEADERS / 1024
                         ));
                     }
+                    let Some((end, consumed)) = block_end else {
+                        if eof {
+                            return malformed("the body ended inside a part's headers");
+                        }
+                        return Ok(None);
+                    };
                     if self.dash_boundary.find(&self.buf[..consumed]).is_some() {
                         return malformed("the boundary string inside a part's headers");
                     }
