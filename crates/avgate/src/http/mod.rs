@@ -177,22 +177,16 @@ async fn request_context(
         .extensions()
         .get::<error::ErrorCode>()
         .map(|c| c.0.as_str());
-    span.in_scope(|| match code {
-        Some(code) => tracing::info!(
+    span.in_scope(|| {
+        // `code` is left out of the line when there is none.
+        tracing::info!(
             method = %method,
             route = %route,
             status,
             code,
             duration_ms = elapsed.as_millis() as u64,
             "request"
-        ),
-        None => tracing::info!(
-            method = %method,
-            route = %route,
-            status,
-            duration_ms = elapsed.as_millis() as u64,
-            "request"
-        ),
+        )
     });
     response
 }
