@@ -33,6 +33,14 @@ use crate::store::clock;
 /// Longest wait for the managed clamd to finish loading a database (the
 /// official one takes 6–14 s on a quiet host; much longer on a busy one).
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+/// How long the managed clamd may take to start loading after a RELOAD
+/// (its `Reading databases from` line, at once on any host) before the
+/// RELOAD is sent again: clamd answers RELOADING but drops a RELOAD that
+/// it reads while it activates an engine (someone else's reload). A
+/// second RELOAD during a load is harmless.
+const RELOAD_TAKEN: Duration = Duration::from_secs(15);
+/// RELOADs sent for one reload at most.
+const RELOAD_SENDS: u32 = 3;
 /// How long an external backend is watched for a new database version
 /// after RELOAD. An unsigned database does not change VERSION: the reload
 /// is then reported `unconfirmed` after this long.
@@ -309,10 +317,12 @@ impl Signatures {
             }
         }
         let timeouts = self.pool.timeouts().for_probe();
+        // Loads clamd started before this RELOAD went out: one of them
+        // ending is not this reload ending.
         let mut events = managed.map(|m| {
-            let mut rx = m.subscribe_events();
+            let mut rx = m.log().subscribe();
             rx.borrow_and_update();
-            rx
+            (rx, m.log().loads_started())
         });
         let result = async {
             let mut conn = Connection::connect(&backend.address, timeouts).await?;
@@ -327,8 +337,8 @@ impl Signatures {
             if let Some(m) = managed {
                 m.reload_missed();
             }
-        } else if let Some(events) = &mut events {
-            match wait_for_managed(events).await {
+        } else if let (Some((events, loads_before)), Some(m)) = (&mut events, managed) {
+            match wait_for_managed(m, events, *loads_before, backend, timeouts).await {
                 Ok(Some(signatures)) => {
                     if let Some(m) = managed {
                         m.record_signatures(signatures);
@@ -446,29 +456,85 @@ impl StaleWarnings {
     }
 }
 
-/// Waits for the managed clamd to finish its reload: `Some(signatures)`
-/// when it did, `None` when it was restarted meanwhile (a new process
-/// loads the current database anyway).
+/// Waits for the managed clamd to finish the reload just sent (after
+/// `loads_before` loads): `Some(signatures)` when it did, `None` when it
+/// was restarted meanwhile (a new process loads the current database
+/// anyway). Sends the RELOAD again when clamd did not take it: no load
+/// started within [`RELOAD_TAKEN`], or the load that ended had started
+/// before it (someone else's; clamd let ours join it or dropped it).
 async fn wait_for_managed(
+    managed: &ManagedClamd,
     events: &mut tokio::sync::watch::Receiver<ClamdEvent>,
+    loads_before: u64,
+    backend: &Backend,
+    timeouts: Timeouts,
 ) -> Result<Option<u64>, String> {
-    let deadline = tokio::time::Instant::now() + RELOAD_TIMEOUT;
+    use tokio::time::Instant;
+    let deadline = Instant::now() + RELOAD_TIMEOUT;
+    let mut loads_before = loads_before;
+    let mut sends = 1;
+    let mut resend_at = Instant::now() + RELOAD_TAKEN;
     loop {
-        match tokio::time::timeout_at(deadline, events.changed()).await {
-            Err(_) => {
+        let taken = managed.log().loads_started() > loads_before;
+        let until = if taken {
+            deadline
+        } else {
+            resend_at.min(deadline)
+        };
+        let mut resend = false;
+        let changed = tokio::time::timeout_at(until, events.changed()).await;
+        // Read at once: the watch's guard must not live across an await.
+        let event = changed
+            .as_ref()
+            .is_ok_and(|r| r.is_ok())
+            .then(|| events.borrow_and_update().clone());
+        match changed {
+            Err(_) if until == deadline => {
                 return Err(format!(
                     "clamd did not finish reloading within {RELOAD_TIMEOUT:?}"
                 ))
             }
+            // A load may have started meanwhile (the watch holds only the
+            // last event): the counter decides.
+            Err(_) => resend = managed.log().loads_started() == loads_before,
             Ok(Err(_)) => return Err("the managed clamd is gone".into()),
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => match event.unwrap_or(ClamdEvent::None) {
+                ClamdEvent::Reloaded { signatures, load } if load > loads_before => {
+                    return Ok(Some(signatures))
+                }
+                ClamdEvent::Reloaded { .. } => resend = true,
+                ClamdEvent::ReloadFailed(why) => {
+                    // The failure is on stderr and the load's start on
+                    // stdout, read by another task: let it catch up.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if managed.log().loads_started() > loads_before {
+                        return Err(format!("clamd: {why}"));
+                    }
+                    resend = true;
+                }
+                ClamdEvent::Started => return Ok(None),
+                ClamdEvent::None => {}
+            },
         }
-        match events.borrow_and_update().clone() {
-            ClamdEvent::Reloaded { signatures } => return Ok(Some(signatures)),
-            ClamdEvent::ReloadFailed(why) => return Err(format!("clamd: {why}")),
-            ClamdEvent::Started => return Ok(None),
-            ClamdEvent::None => {}
+        if !resend {
+            continue;
         }
+        if sends == RELOAD_SENDS {
+            return Err(format!(
+                "clamd did not take any of {RELOAD_SENDS} RELOAD commands (no load started after them)"
+            ));
+        }
+        tracing::warn!(
+            backend = %backend.address,
+            "clamd did not take a RELOAD (it was loading or activating another database); sending it again"
+        );
+        sends += 1;
+        loads_before = managed.log().loads_started();
+        resend_at = Instant::now() + RELOAD_TAKEN;
+        let mut conn = Connection::connect(&backend.address, timeouts)
+            .await
+            .map_err(|e| format!("RELOAD: {e}"))?;
+        conn.reload().await.map_err(|e| format!("RELOAD: {e}"))?;
     }
 }
 

@@ -598,6 +598,70 @@ async fn no_request_fails_across_a_managed_reload_and_the_new_signature_is_found
     gw.stop().await;
 }
 
+/// clamd answers RELOADING to a RELOAD that comes while it loads another
+/// database (someone else's `clamdscan --reload`, a SIGUSR2), but does not
+/// load again: the files avgate linked meanwhile would not be in force. Nor
+/// does it hear one that comes while it activates the engine it loaded.
+/// avgate sends its RELOAD again until a load starts after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_meets_another_load_is_sent_again_and_the_new_file_is_used() {
+    let root = short_tempdir("avg-rl2");
+    let cfg = managed_config(root.path());
+    // Enough signatures that a load takes a second or more.
+    let db = root.path().join("data/clamd/db");
+    std::fs::create_dir_all(&db).unwrap();
+    let mut bulk = String::with_capacity(400_000 * 90);
+    for i in 0..400_000u64 {
+        bulk.push_str(&format!(
+            "{}:{}:Avgate.Bulk-{i}\n",
+            hex::encode(random_bytes(32, 2 * i + 7)),
+            100 + i % 5_000
+        ));
+    }
+    std::fs::write(db.join("bulk.hsb"), bulk).unwrap();
+    let gw = Gw::start(cfg).await;
+    let managed = gw.state().managed.clone().unwrap();
+    let pattern = b"avgate second reload pattern 51c9";
+    let sample = [&b"text before "[..], pattern, b" and after"].concat();
+
+    for round in 0..2 {
+        // Someone else's reload, straight to clamd's socket; avgate's own
+        // comes while clamd loads for it.
+        let loads = managed.log().loads_started();
+        let mut s =
+            std::os::unix::net::UnixStream::connect(root.path().join("data/clamd/clamd.sock"))
+                .unwrap();
+        s.write_all(b"zRELOAD\0").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while managed.log().loads_started() == loads {
+            assert!(Instant::now() < deadline, "clamd did not start loading");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let name = format!("Avgate-Second-Reload-{round}");
+        std::fs::write(db.join("avgate-second.ndb"), ndb(&name, pattern)).unwrap();
+        let report = tokio::time::timeout(
+            Duration::from_secs(120),
+            gw.state().signatures.reload("test: during another load"),
+        )
+        .await
+        .expect("the reload ended");
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.backends[0].outcome, "reloaded", "{report:?}");
+        // Its own load, after the other one.
+        assert!(
+            managed.log().loads_started() >= loads + 2,
+            "round {round}: {} loads after {loads}",
+            managed.log().loads_started()
+        );
+        // In force as soon as the reload says so.
+        let (status, found) = gw.scan("sample.txt", sample.clone()).await;
+        assert_eq!(status, 200, "{found}");
+        assert_eq!(found["status"], "FOUND", "round {round}: {found}");
+        assert_eq!(found["signature"], format!("{name}.UNOFFICIAL"), "{found}");
+    }
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_backends_are_reloaded_one_at_a_time_under_load() {
     let (a, b) = (Clamd::start(""), Clamd::start(""));

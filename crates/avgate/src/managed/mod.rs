@@ -18,6 +18,7 @@ pub mod updates;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -86,11 +87,57 @@ pub enum ClamdEvent {
     None,
     /// A clamd process was (re)started: it loads the current database.
     Started,
-    /// `Database correctly reloaded (N signatures)`.
-    Reloaded { signatures: u64 },
+    /// `Activating the newly loaded database...`, after `Database
+    /// correctly reloaded (N signatures)`. Only from then on do scans use
+    /// the new engine, and is a new RELOAD heard: one that clamd reads
+    /// between the two lines is dropped (clamd 1.4 clears its reload flag
+    /// when it activates the engine), so the next may be sent only now.
+    /// `load`: which load this was ([`ClamdLog::loads_started`]).
+    Reloaded { signatures: u64, load: u64 },
     /// `Database reload failed, keeping the previous instance`, with the
     /// error clamd gave before it.
     ReloadFailed(String),
+}
+
+/// What the running clamd's log lines tell, shared by the tasks that read
+/// its stdout and its stderr.
+pub struct ClamdLog {
+    events: watch::Sender<ClamdEvent>,
+    /// `Reading databases from` lines (stdout): loads started, by avgate's
+    /// RELOAD or anyone else's. The line comes at once after a RELOAD that
+    /// clamd took; a RELOAD that comes while a load runs joins that load.
+    loads: AtomicU64,
+    /// The last error lines (stderr; the file it cannot load, say), for
+    /// `last_exit` when it dies.
+    last_problem: Mutex<Option<String>>,
+}
+
+impl ClamdLog {
+    fn new() -> Self {
+        ClamdLog {
+            events: watch::channel(ClamdEvent::None).0,
+            loads: AtomicU64::new(0),
+            last_problem: Mutex::new(None),
+        }
+    }
+
+    /// Events from clamd's log: subscribe before sending RELOAD, then wait
+    /// for the next change.
+    pub fn subscribe(&self) -> watch::Receiver<ClamdEvent> {
+        self.events.subscribe()
+    }
+
+    /// How many loads clamd has started (see [`ClamdLog::loads`]).
+    pub fn loads_started(&self) -> u64 {
+        self.loads.load(Ordering::SeqCst)
+    }
+
+    fn take_problem(&self) -> Option<String> {
+        self.last_problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
 }
 
 /// A prepared (configured, not yet started) managed clamd.
@@ -125,10 +172,7 @@ pub struct ManagedClamd {
     /// One sync of the directory at a time (a reload's and a start's could
     /// meet: both would create and remove the same links).
     syncing: Mutex<()>,
-    events: Arc<watch::Sender<ClamdEvent>>,
-    /// The last error lines of the running clamd (the file it cannot
-    /// load, say), for `last_exit` when it dies.
-    last_problem: Arc<Mutex<Option<String>>>,
+    log: Arc<ClamdLog>,
     status: Mutex<ManagedStatus>,
 }
 
@@ -239,8 +283,7 @@ impl ManagedClamd {
             update_mode,
             synced_kind: Mutex::new((database, source.clone())),
             loaded_kind: Mutex::new((database, source)),
-            events: Arc::new(watch::channel(ClamdEvent::None).0),
-            last_problem: Arc::new(Mutex::new(None)),
+            log: Arc::new(ClamdLog::new()),
             status: Mutex::new(status),
             config_path,
         })
@@ -404,10 +447,9 @@ impl ManagedClamd {
         self.layout.remove_local_file(name)
     }
 
-    /// Events from clamd's log: subscribe before sending RELOAD, then wait
-    /// for the next change.
-    pub fn subscribe_events(&self) -> watch::Receiver<ClamdEvent> {
-        self.events.subscribe()
+    /// What clamd's log says about its loads and reloads.
+    pub fn log(&self) -> &ClamdLog {
+        &self.log
     }
 
     /// Runs clamd until `stop` is cancelled, restarting it when it exits.
@@ -475,11 +517,7 @@ impl ManagedClamd {
                         futures_util::future::join_all(forwarders),
                     )
                     .await;
-                    let problem = self
-                        .last_problem
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .take();
+                    let problem = self.log.take_problem();
                     if let Some(problem) = problem {
                         why = format!("{why}; its last errors: {problem}");
                     }
@@ -556,25 +594,17 @@ impl ManagedClamd {
             .with_context(|| format!("cannot run {}", self.executable.display()))?;
         // clamd's own log lines go into ours, tagged, so one log stream
         // tells the whole story.
-        *self.last_problem.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.log.take_problem();
         let mut forwarders = Vec::new();
         if let Some(out) = child.stdout.take() {
-            forwarders.push(tokio::spawn(forward_lines(
-                out,
-                self.events.clone(),
-                self.last_problem.clone(),
-            )));
+            forwarders.push(tokio::spawn(forward_lines(out, self.log.clone())));
         }
         if let Some(err) = child.stderr.take() {
-            forwarders.push(tokio::spawn(forward_lines(
-                err,
-                self.events.clone(),
-                self.last_problem.clone(),
-            )));
+            forwarders.push(tokio::spawn(forward_lines(err, self.log.clone())));
         }
         // A new clamd loads the directory as it is (synced just before).
         self.database_loaded();
-        self.events.send_replace(ClamdEvent::Started);
+        self.log.events.send_replace(ClamdEvent::Started);
         Ok((child, forwarders))
     }
 
@@ -605,29 +635,36 @@ impl ManagedClamd {
     }
 }
 
-async fn forward_lines(
-    pipe: impl tokio::io::AsyncRead + Unpin,
-    events: Arc<watch::Sender<ClamdEvent>>,
-    last_problem: Arc<Mutex<Option<String>>>,
-) {
+async fn forward_lines(pipe: impl tokio::io::AsyncRead + Unpin, log: Arc<ClamdLog>) {
     let mut lines = BufReader::new(pipe).lines();
     let mut last_error = String::new();
+    // From `Database correctly reloaded (N signatures)`, for the
+    // `Activating` line that follows it (both on stdout).
+    let mut loaded = None;
     while let Ok(Some(line)) = lines.next_line().await {
         let line = line.trim();
         if line.is_empty() {
             continue;
         }
-        match reload_event(line) {
-            Some(ClamdEvent::ReloadFailed(_)) => {
-                events.send_replace(ClamdEvent::ReloadFailed(last_error.clone()));
+        match reload_line(line) {
+            Some(ReloadLine::Loading) => {
+                loaded = None;
+                log.loads.fetch_add(1, Ordering::SeqCst);
             }
-            Some(event) => {
-                if matches!(event, ClamdEvent::Reloaded { .. }) {
+            Some(ReloadLine::Loaded { signatures }) => loaded = Some(signatures),
+            Some(ReloadLine::Activating) => {
+                if let Some(signatures) = loaded.take() {
                     // Errors before a reload that worked are not why it
                     // would exit later.
-                    *last_problem.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    log.take_problem();
+                    let load = log.loads_started();
+                    log.events
+                        .send_replace(ClamdEvent::Reloaded { signatures, load });
                 }
-                events.send_replace(event);
+            }
+            Some(ReloadLine::Failed) => {
+                log.events
+                    .send_replace(ClamdEvent::ReloadFailed(last_error.clone()));
             }
             None if line.contains("ERROR") => last_error = line.to_owned(),
             None => {}
@@ -637,7 +674,7 @@ async fn forward_lines(
                 if line.contains("ERROR") || line.contains("LibClamAV Error") {
                     // The last few: libclamav says which file in one line
                     // and what is wrong with it in others.
-                    let mut problem = last_problem.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut problem = log.last_problem.lock().unwrap_or_else(|e| e.into_inner());
                     let mut lines: Vec<&str> = problem
                         .as_deref()
                         .map_or(Vec::new(), |p| p.split(" / ").collect());
@@ -679,16 +716,33 @@ fn clamd_line_level(line: &str) -> tracing::Level {
     }
 }
 
-/// A line of clamd's log that ends a reload (clamd 1.4:
-/// `Database correctly reloaded (N signatures)`, or `Database reload
-/// failed, keeping the previous instance` after the error).
-fn reload_event(line: &str) -> Option<ClamdEvent> {
+/// The lines of clamd's log (clamd 1.4) that mark a reload's steps.
+#[derive(Debug, PartialEq, Eq)]
+enum ReloadLine {
+    /// `Reading databases from DIR` (the loading thread started).
+    Loading,
+    /// `Database correctly reloaded (N signatures)` (loaded, not in use).
+    Loaded { signatures: u64 },
+    /// `Activating the newly loaded database...` (in use).
+    Activating,
+    /// `Database reload failed, keeping the previous instance`, after the
+    /// error lines.
+    Failed,
+}
+
+fn reload_line(line: &str) -> Option<ReloadLine> {
+    if line.starts_with("Reading databases from ") {
+        return Some(ReloadLine::Loading);
+    }
     if let Some(rest) = line.split("Database correctly reloaded (").nth(1) {
         let signatures = rest.split_whitespace().next()?.parse().ok()?;
-        return Some(ClamdEvent::Reloaded { signatures });
+        return Some(ReloadLine::Loaded { signatures });
+    }
+    if line.starts_with("Activating the newly loaded database") {
+        return Some(ReloadLine::Activating);
     }
     line.contains("Database reload failed")
-        .then(|| ClamdEvent::ReloadFailed(String::new()))
+        .then_some(ReloadLine::Failed)
 }
 
 /// Sleeps, or returns true at once when asked to stop.
@@ -1109,22 +1163,84 @@ mod tests {
     }
 
     #[test]
-    fn reload_results_are_read_from_clamds_log() {
+    fn reload_steps_are_read_from_clamds_log() {
         assert_eq!(
-            reload_event("Database correctly reloaded (8693621 signatures)"),
-            Some(ClamdEvent::Reloaded {
+            reload_line("Reading databases from /d/db"),
+            Some(ReloadLine::Loading)
+        );
+        assert_eq!(
+            reload_line("Database correctly reloaded (8693621 signatures)"),
+            Some(ReloadLine::Loaded {
                 signatures: 8_693_621
             })
         );
         assert_eq!(
-            reload_event("WARNING: Database reload failed, keeping the previous instance"),
-            Some(ClamdEvent::ReloadFailed(String::new()))
+            reload_line("Activating the newly loaded database..."),
+            Some(ReloadLine::Activating)
         );
         assert_eq!(
-            reload_event("Activating the newly loaded database..."),
-            None
+            reload_line("WARNING: Database reload failed, keeping the previous instance"),
+            Some(ReloadLine::Failed)
         );
-        assert_eq!(reload_event("Reading databases from /d/db"), None);
+        assert_eq!(reload_line("SelfCheck: Database status OK."), None);
+    }
+
+    /// The event a waiting reload sees comes with `Activating`, not with
+    /// `correctly reloaded` (scans still use the old engine then, and a
+    /// RELOAD sent then is lost); errors come with the failure.
+    #[tokio::test]
+    async fn a_reload_is_reported_once_clamd_activates_the_new_engine() {
+        let log = Arc::new(ClamdLog::new());
+        let mut rx = log.subscribe();
+        let (mut w, r) = tokio::io::duplex(4096);
+        let forward = tokio::spawn(forward_lines(r, log.clone()));
+        async fn step(
+            w: &mut tokio::io::DuplexStream,
+            rx: &mut watch::Receiver<ClamdEvent>,
+            line: &str,
+        ) -> ClamdEvent {
+            use tokio::io::AsyncWriteExt;
+            w.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+            // Give the forwarder the line, then look.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            rx.borrow_and_update().clone()
+        }
+        assert_eq!(
+            step(&mut w, &mut rx, "Reading databases from /d").await,
+            ClamdEvent::None
+        );
+        assert_eq!(log.loads_started(), 1);
+        assert_eq!(
+            step(
+                &mut w,
+                &mut rx,
+                "Database correctly reloaded (3 signatures)"
+            )
+            .await,
+            ClamdEvent::None
+        );
+        assert_eq!(
+            step(&mut w, &mut rx, "Activating the newly loaded database...").await,
+            ClamdEvent::Reloaded {
+                signatures: 3,
+                load: 1
+            }
+        );
+        step(&mut w, &mut rx, "Reading databases from /d").await;
+        assert_eq!(log.loads_started(), 2);
+        let error = "ERROR: reload_th: Database load failed: Malformed database";
+        step(&mut w, &mut rx, error).await;
+        assert_eq!(
+            step(
+                &mut w,
+                &mut rx,
+                "WARNING: Database reload failed, keeping the previous instance"
+            )
+            .await,
+            ClamdEvent::ReloadFailed(error.into())
+        );
+        drop(w);
+        forward.await.unwrap();
     }
 }
 
