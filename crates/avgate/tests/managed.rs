@@ -206,6 +206,38 @@ async fn a_stale_pid_file_naming_another_clamd_leaves_it_alone() {
     );
 }
 
+/// An avgate that is killed outright (SIGKILL, the OOM killer) cannot stop
+/// its clamd: the kernel does (clamd runs under `setpriv --pdeathsig`), so
+/// no orphaned clamd holds its memory and socket; the next avgate on the
+/// same data directory starts as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_avgate_takes_its_clamd_along() {
+    let mut server = start();
+    let ready = server.wait_ready(Duration::from_secs(60)).await;
+    let clamd_pid = ready["managed_clamd"]["pid"].as_i64().unwrap();
+    server.signal(nix::sys::signal::Signal::SIGKILL);
+    server.wait_exit(Duration::from_secs(10));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while alive(clamd_pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "clamd {clamd_pid} outlived the avgate that was killed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let again = builder("avg-kill").reuse_data_dir(&server.data).start();
+    let ready = again.wait_ready(Duration::from_secs(60)).await;
+    assert_ne!(ready["managed_clamd"]["pid"].as_i64(), Some(clamd_pid));
+    let client = reqwest::Client::new();
+    let (status, body) = post_file(&client, &again.url("/scan"), "e.com", EICAR.to_vec()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("FOUND")),
+        "{body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_150_mib_upload_is_streamed_with_bounded_memory() {
     let server = start();

@@ -143,6 +143,8 @@ impl ClamdLog {
 /// A prepared (configured, not yet started) managed clamd.
 pub struct ManagedClamd {
     executable: PathBuf,
+    /// Runs clamd so that it gets SIGTERM when avgate dies ([`find_setpriv`]).
+    setpriv: Option<PathBuf>,
     config_path: PathBuf,
     pid_path: PathBuf,
     pub socket: PathBuf,
@@ -269,6 +271,7 @@ impl ManagedClamd {
         };
         Ok(ManagedClamd {
             executable,
+            setpriv: find_setpriv(),
             pid_path: dir.join("clamd.pid"),
             socket,
             stream_max_length,
@@ -582,14 +585,23 @@ impl ManagedClamd {
     /// Starts clamd, with tasks that forward its output to our log (they
     /// end when it has exited and its pipes are read).
     fn spawn(&self) -> anyhow::Result<(Child, Vec<tokio::task::JoinHandle<()>>)> {
-        let mut child = Command::new(&self.executable)
+        let mut command = match &self.setpriv {
+            Some(setpriv) => {
+                let mut c = Command::new(setpriv);
+                c.args(["--pdeathsig", "TERM", "--"]).arg(&self.executable);
+                c
+            }
+            None => Command::new(&self.executable),
+        };
+        command
             .arg("--config-file")
             .arg(&self.config_path)
             .arg("--foreground")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        let mut child = command
             .spawn()
             .with_context(|| format!("cannot run {}", self.executable.display()))?;
         // clamd's own log lines go into ours, tagged, so one log stream
@@ -633,6 +645,32 @@ impl ManagedClamd {
         let _ = std::fs::remove_file(&self.pid_path);
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+/// `setpriv` (util-linux, on every Debian and Ubuntu system) when it can
+/// ask the kernel to send its child SIGTERM when avgate dies, however it
+/// dies (SIGKILL, the OOM killer): avgate gets no chance to stop clamd
+/// then, and an orphaned clamd would hold its memory (a gigabyte or more
+/// with the official database) until the next start found it. avgate
+/// itself has no unsafe code to make that call between fork and exec.
+///
+/// The signal comes when the *thread* that spawned the child ends: clamd
+/// is spawned from the supervisor's task, on one of tokio's worker
+/// threads, which live as long as the runtime (avgate never moves a
+/// worker into the blocking pool, whose threads end when idle).
+fn find_setpriv() -> Option<PathBuf> {
+    let path = ["/usr/bin/setpriv", "/bin/setpriv"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| is_executable(p))?;
+    let works = std::process::Command::new(&path)
+        .args(["--pdeathsig", "TERM", "--", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    works.then_some(path)
 }
 
 async fn forward_lines(pipe: impl tokio::io::AsyncRead + Unpin, log: Arc<ClamdLog>) {
