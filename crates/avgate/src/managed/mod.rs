@@ -1326,7 +1326,7 @@ pub fn check_external_conf(address: &clamd::Address, conf: &str) -> Option<Exter
         }
     }
     let matches = match address {
-        clamd::Address::Unix(path) => local_socket.as_deref() == Some(path.as_path()),
+        clamd::Address::Unix(path) => local_socket.is_some_and(|s| same_path(&s, path)),
         clamd::Address::Tcp(hostport) => {
             let port = hostport
                 .rsplit_once(':')
@@ -1341,6 +1341,25 @@ pub fn check_external_conf(address: &clamd::Address, conf: &str) -> Option<Exter
         alert_exceeds_max: alert,
         pcre_max_file_size: pcre_max,
     })
+}
+
+/// Whether two paths name the same file: Debian's clamd.conf says
+/// `/var/run/clamav/clamd.ctl`, the docs (and systemd) `/run/...`, and
+/// `/var/run` is a link to `/run`. The same inode when both exist, else
+/// the same path once the directories' links are resolved.
+fn same_path(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if a == b {
+        return true;
+    }
+    if let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        return (ma.dev(), ma.ino()) == (mb.dev(), mb.ino());
+    }
+    let resolved = |p: &Path| {
+        let dir = std::fs::canonicalize(p.parent()?).ok()?;
+        Some(dir.join(p.file_name()?))
+    };
+    matches!((resolved(a), resolved(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// Warns at start-up when an external clamd on this host is known to
@@ -1403,6 +1422,28 @@ mod external_tests {
         );
         let remote: clamd::Address = "tcp://10.0.0.5:3310".parse().unwrap();
         assert_eq!(check_external_conf(&remote, conf), None);
+    }
+
+    /// `/run` and `/var/run` (a link to it) are one directory.
+    #[test]
+    fn a_socket_path_through_a_linked_directory_is_the_same_clamd() {
+        let root = tempfile::tempdir().unwrap();
+        let run = root.path().join("run");
+        std::fs::create_dir_all(run.join("clamav")).unwrap();
+        std::fs::create_dir(root.path().join("var")).unwrap();
+        std::os::unix::fs::symlink(&run, root.path().join("var/run")).unwrap();
+        let linked = root.path().join("var/run/clamav/clamd.ctl");
+        let direct = run.join("clamav/clamd.ctl");
+        let conf = format!("LocalSocket {}\n", linked.display());
+        let address =
+            |p: &Path| -> clamd::Address { format!("unix:{}", p.display()).parse().unwrap() };
+        // The socket not there yet (clamd stopped), then there.
+        assert!(check_external_conf(&address(&direct), &conf).is_some());
+        std::fs::write(&direct, "").unwrap();
+        assert!(check_external_conf(&address(&direct), &conf).is_some());
+        let other = run.join("clamav/other.ctl");
+        std::fs::write(&other, "").unwrap();
+        assert_eq!(check_external_conf(&address(&other), &conf), None);
     }
 
     #[test]
