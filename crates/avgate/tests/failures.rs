@@ -89,6 +89,31 @@ async fn a_clamd_that_stalls_mid_scan_gives_504_within_the_timeout() {
     gw.stop().await;
 }
 
+/// A clamd that stops reading (stopped, swapped out, its disk hung) while
+/// the first part of a large upload goes to it: 504 `engine_timeout` after
+/// `io_timeout`, as for any stall. Not a backend that is gone: the file is
+/// not sent to the next one (it may be the file that stalls it), and the
+/// client is not told that no engine is available.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clamd_that_stops_reading_the_first_bytes_gives_504() {
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.clamd.io_timeout = Humantime(Duration::from_secs(2));
+    cfg.clamd.health_interval = Humantime(Duration::from_secs(60));
+    let gw = Gateway::start(cfg).await;
+    let pid = nix::unistd::Pid::from_raw(clamd.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let started = Instant::now();
+    let (status, body) = gw.scan("big.bin", random_bytes(3 << 20, 8)).await;
+    let took = started.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["status"], "ERROR");
+    assert_eq!(body["error"]["code"], "engine_timeout", "{body}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_reply_is_an_error_not_a_verdict() {
     let fake = FakeClamd::start(Fault::Malformed).await;
@@ -208,6 +233,46 @@ async fn a_backend_dying_mid_stream_is_retried_elsewhere_when_replayable() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "FOUND", "{body}");
     assert_eq!(body["engine"]["backend"], clamd.address());
+    gw.stop().await;
+}
+
+/// A file after which clamd hangs up without a reply (it may have crashed
+/// parsing it) goes to one more backend, not to every one in turn: one
+/// upload must not be able to crash a whole pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_two_backends_hang_up_on_is_not_sent_to_a_third() {
+    let fakes = [
+        FakeClamd::start(Fault::DieAfter(usize::MAX)).await,
+        FakeClamd::start(Fault::DieAfter(usize::MAX)).await,
+        FakeClamd::start(Fault::DieAfter(usize::MAX)).await,
+    ];
+    let addresses: Vec<String> = fakes.iter().map(|f| f.address.clone()).collect();
+    let mut cfg = config(&addresses);
+    cfg.replay_buffer = mib(4);
+    let gw = Gateway::start(cfg).await;
+    gw.wait_all_backends_up(Duration::from_secs(10)).await;
+    // Held whole and sent on a session (small), then streamed (large).
+    for (size, seed) in [(300_000, 20), (2_000_000, 21)] {
+        let before: usize = fakes
+            .iter()
+            .map(|f| f.scans.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        let answer = gw.scan("crash.bin", random_bytes(size, seed)).await;
+        assert_error(&answer, 503, "engine_error");
+        assert_eq!(answer.1["status"], "ERROR");
+        let after: usize = fakes
+            .iter()
+            .map(|f| f.scans.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
+        assert_eq!(
+            after - before,
+            2,
+            "{size} bytes: the file went to {} backends",
+            after - before
+        );
+        // The next round with every backend in rotation again.
+        gw.wait_all_backends_up(Duration::from_secs(20)).await;
+    }
     gw.stop().await;
 }
 

@@ -1076,6 +1076,34 @@ async fn clamd_cutting_a_stream_at_its_limit_is_not_ok() {
     gw.stop().await;
 }
 
+/// A file held whole (up to `small_file_max_size`) goes to clamd in one
+/// write on a session; over TCP, past its StreamMaxLength, clamd answers
+/// and closes before the write is done. Its answer is still read: the
+/// file is unscannable, and the backend, which did nothing wrong, stays
+/// in rotation (anyone who can upload could take it out otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clamd_cutting_a_held_file_at_its_limit_is_not_ok_and_stays_in_rotation() {
+    let port = free_port();
+    let clamd = Clamd::start(&format!(
+        "StreamMaxLength 300K\nTCPSocket {port}\nTCPAddr 127.0.0.1\n"
+    ));
+    let mut cfg = config(&[format!("tcp://127.0.0.1:{port}")]);
+    cfg.replay_buffer = mib(8);
+    cfg.clamd.small_file_max_size = mib(8);
+    let gw = Gateway::start(cfg).await;
+    for seed in 0..3 {
+        let (status, body) = gw.scan("big.bin", random_bytes(6 << 20, 60 + seed)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "FOUND", "{body}");
+        assert_eq!(body["verdict"], "unscannable", "{body}");
+        let (status, ready) = gw.readyz().await;
+        assert_eq!(status, 200, "{ready}");
+        assert_eq!(ready["backends"][0]["state"], "up", "{ready}");
+    }
+    drop(clamd);
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_version_endpoints() {
     let clamd = Clamd::start("");

@@ -396,14 +396,34 @@ impl Session {
             message.extend_from_slice(piece);
         }
         message.extend_from_slice(&proto::END_OF_STREAM);
-        self.conn.write_all(&message).await?;
+        if let Err(e) = self.conn.write_all(&message).await {
+            let Error::Io(_) = e else { return Err(e) };
+            // clamd answers and closes past StreamMaxLength, and the write
+            // then fails while its reply is readable (as for a stream,
+            // [`Instream::send`]). The session is over either way.
+            return Err(match self.reply_within(Duration::from_secs(1)).await {
+                Ok(reply) => match ScanReply::parse(reply.as_bytes()) {
+                    // An OK would cover only what clamd read.
+                    Ok(ScanReply::Clean) => Error::Protocol(proto::ParseError::Unexpected(
+                        format!("{reply} before the stream ended"),
+                    )),
+                    Ok(reply) => Error::EarlyReply(reply),
+                    Err(parse) => Error::Protocol(parse),
+                },
+                Err(_) => e,
+            });
+        }
         let reply = self.reply().await?;
         Ok(ScanReply::parse(reply.as_bytes())?)
     }
 
     /// Reads the next reply and checks that it answers our last command.
     async fn reply(&mut self) -> Result<String, Error> {
-        let reply = self.conn.read_reply(self.conn.timeouts.reply).await?;
+        self.reply_within(self.conn.timeouts.reply).await
+    }
+
+    async fn reply_within(&mut self, limit: Duration) -> Result<String, Error> {
+        let reply = self.conn.read_reply(limit).await?;
         let text = String::from_utf8(reply).map_err(|_| proto::ParseError::NotUtf8)?;
         let Some(body) = proto::strip_session_id(&text, self.next_id) else {
             return Err(proto::ParseError::Unexpected(format!(

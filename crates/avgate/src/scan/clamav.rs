@@ -99,7 +99,7 @@ impl Engine for ClamavEngine {
             sent: 0,
             early: None,
             last_error: None,
-            retried_after_error: false,
+            moved_after_whole_file: false,
         };
         let small = self.inner.small_file_max;
         if small > 0 && size.upper_bound().is_some_and(|n| n <= small as u64) {
@@ -134,8 +134,11 @@ struct ClamavScan {
     early: Option<ScanReply>,
     /// Why the last backend tried could not be used.
     last_error: Option<String>,
-    /// Already sent to another backend once after an ERROR reply.
-    retried_after_error: bool,
+    /// Already sent to another backend once after one had the whole file
+    /// and did not scan it (an ERROR reply, or a hang-up without a reply:
+    /// clamd may have died on this very file). Once only: a file that makes
+    /// every clamd fail must not cost each backend a scan, or a crash.
+    moved_after_whole_file: bool,
 }
 
 impl ClamavScan {
@@ -215,6 +218,16 @@ impl ClamavScan {
                     self.stream = None;
                     return Ok(());
                 }
+                Some(e) if e.is_timeout() => {
+                    // Stuck, not gone (as in `feed`): out of rotation, but
+                    // no replay on the next backend, and the client is
+                    // told it timed out.
+                    if let Some(lease) = &self.lease {
+                        lease.backend().mark_down(&e);
+                    }
+                    self.stream = None;
+                    return Err(engine_error(e));
+                }
                 Some(e) => {
                     if let Some(lease) = self.lease.take() {
                         lease.backend().mark_down(&e);
@@ -273,11 +286,11 @@ impl ClamavScan {
         };
         let failed = lease.backend().clone();
         failed.note_error_reply();
-        if self.retried_after_error || self.replay.is_none() {
+        if self.moved_after_whole_file || self.replay.is_none() {
             self.lease = Some(lease);
             return false;
         }
-        self.retried_after_error = true;
+        self.moved_after_whole_file = true;
         // Frees the slot before waiting for another one. The pool skips
         // the backends already tried, and answers at once when no other
         // one is healthy.
@@ -294,6 +307,20 @@ impl ClamavScan {
             self.give_up_unscanned();
         }
         true
+    }
+
+    /// A backend had the whole file and hung up without a reply: the file
+    /// may go to one more backend ([`ClamavScan::moved_after_whole_file`]),
+    /// not to a third; then the failure is the answer.
+    fn moving_after_whole_file(&mut self, error: &clamd::Error) -> Result<(), EngineError> {
+        if !std::mem::replace(&mut self.moved_after_whole_file, true) {
+            return Ok(());
+        }
+        if let Some(lease) = self.lease.take() {
+            tracing::warn!(backend = %lease.backend().address, %error, "a second clamd hung up on this file without a reply; not sending it to a third");
+            lease.backend().mark_down(error);
+        }
+        Err(EngineError::Failed(error.to_string()))
     }
 
     /// Keeps `chunk` for a replay (or a descriptor) while it fits.
@@ -346,7 +373,7 @@ impl ClamavScan {
                 Some(session) => session,
                 None => match lease.new_session(timeouts).await {
                     Ok(session) => session,
-                    Err(e) => break Held::BackendFailed(e),
+                    Err(e) => break Held::BackendFailed(e, false),
                 },
             };
             let result = match &file {
@@ -377,6 +404,9 @@ impl ClamavScan {
                     break Held::Stream;
                 }
                 Ok(reply) => break Held::Reply(reply),
+                // clamd's answer before it had the whole file (past its
+                // StreamMaxLength): the answer, and the backend is fine.
+                Err(clamd::Error::EarlyReply(reply)) => break Held::Reply(reply),
                 // clamd closes idle sessions on its own: a failure on a
                 // reused one says nothing about the backend. Once more on a
                 // new session.
@@ -394,7 +424,7 @@ impl ClamavScan {
                     break Held::Stream;
                 }
                 Err(e @ clamd::Error::Protocol(_)) => return Err(engine_error(e)),
-                Err(e) => break Held::BackendFailed(e),
+                Err(e) => break Held::BackendFailed(e, true),
             }
         };
         if let Some(why) = fd_refused {
@@ -403,7 +433,10 @@ impl ClamavScan {
         match outcome {
             Held::Reply(reply) => Ok(Some(reply)),
             Held::Stream => Ok(None),
-            Held::BackendFailed(e) => {
+            Held::BackendFailed(e, had_file) => {
+                if had_file {
+                    self.moving_after_whole_file(&e)?;
+                }
                 // Connection refused or reset: the stream goes to another
                 // backend, with the held bytes.
                 self.fail_over(e).await?;
@@ -658,7 +691,10 @@ impl EngineScan for ClamavScan {
                     return Err(engine_error(e));
                 }
                 Err(e @ clamd::Error::Protocol(_)) => return Err(engine_error(e)),
-                Err(e) => self.fail_over(e).await?,
+                Err(e) => {
+                    self.moving_after_whole_file(&e)?;
+                    self.fail_over(e).await?
+                }
             }
         }
     }
@@ -669,7 +705,8 @@ enum Held {
     Reply(ScanReply),
     /// Stream it instead (descriptor refused).
     Stream,
-    BackendFailed(clamd::Error),
+    /// Connection refused or reset; `true`: after clamd had the file.
+    BackendFailed(clamd::Error, bool),
 }
 
 fn engine_error(e: clamd::Error) -> EngineError {
