@@ -645,6 +645,16 @@ impl Config {
                 self.clamd.max_concurrent_per_backend == 0,
             ),
             ("managed.max_threads", self.managed.max_threads == 0),
+            // A bucket that holds nothing refuses everything, forever.
+            ("rate_limit.per_ip_burst", self.rate_limit.per_ip_burst == 0),
+            (
+                "rate_limit.per_token_burst",
+                self.rate_limit.per_token_burst == 0,
+            ),
+            (
+                "rate_limit.auth_failures_burst",
+                self.rate_limit.auth_failures_burst == 0,
+            ),
             (
                 // 0 would restart a clamd that keeps dying in a tight loop.
                 "managed.restart_backoff_max",
@@ -1308,6 +1318,22 @@ enabled = false
             err.to_string().contains("request_timeout must be above 0"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_burst_of_zero_is_refused() {
+        // An empty bucket would refuse every request, valid tokens too.
+        for var in [
+            "AVGATE_RATE_LIMIT__PER_IP_BURST",
+            "AVGATE_RATE_LIMIT__PER_TOKEN_BURST",
+            "AVGATE_RATE_LIMIT__AUTH_FAILURES_BURST",
+        ] {
+            let err = load_env(&[(var, "0")]).unwrap_err();
+            assert!(
+                err.to_string().contains("burst must be above 0"),
+                "{var}: {err}"
+            );
+        }
     }
 
     #[test]

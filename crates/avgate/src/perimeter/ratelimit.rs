@@ -149,7 +149,7 @@ impl<K: Eq + Hash + Clone> Limiter<K> {
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let bucket = state.map.get(key).copied().unwrap_or(Bucket {
-            tokens: f64::from(burst),
+            tokens: f64::from(burst.max(1)),
             last: now,
         });
         let tokens = refill(bucket, rate, burst, now).tokens;
@@ -345,6 +345,24 @@ mod tests {
         assert!(matches!(
             limiter.peek(&1, rate, 1),
             Decision::Limited { .. }
+        ));
+    }
+
+    /// A burst of 0 acts as 1 (the configuration refuses it; a token's
+    /// own is at least 1): looking at a new key must not say it is
+    /// limited forever, which `check` never corrects for a key it never
+    /// stores.
+    #[test]
+    fn a_burst_of_zero_holds_one() {
+        let limiter = Limiter::new();
+        let rate: Rate = "1/s".parse().unwrap();
+        assert!(matches!(
+            limiter.peek(&7, rate, 0),
+            Decision::Allowed { .. }
+        ));
+        assert!(matches!(
+            limiter.check(&7, rate, 0),
+            Decision::Allowed { .. }
         ));
     }
 }
