@@ -470,6 +470,71 @@ async fn quotas_stop_at_exactly_their_number() {
     gw.stop().await;
 }
 
+/// Uploads at once that together fit a token's byte quota are all
+/// scanned: one still arriving holds no more of the quota than its
+/// request can carry, so it does not crowd the others out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_at_once_that_fit_a_byte_quota_are_all_scanned() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let clamd = Clamd::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let (token, id) = issue(&store, "bq", |o| {
+        o.monthly_bytes = Some(avgate::config::ByteSize(100 * 1024))
+    })
+    .await;
+    let gw = Gateway::start(auth_config(&clamd, dir.path())).await;
+    let month = clock::Month::current();
+
+    // A: 46,080 bytes declared, 45,056 of them sent, then a pause.
+    let data = random_bytes(46_080, 31);
+    let mut a = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/scan/raw HTTP/1.1\r\nHost: avgate\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        data.len()
+    );
+    a.write_all(head.as_bytes()).await.unwrap();
+    a.write_all(&data[..45_056]).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.usage(&id, month).await.unwrap().bytes < 45_056 {
+        assert!(Instant::now() < deadline, "A's bytes were never counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held = store.usage(&id, month).await.unwrap().bytes;
+    assert!(held <= 46_080, "A holds {held} bytes of the quota");
+
+    // B meanwhile: 46,080 more fit in 102,400.
+    let (status, body, _) = post(
+        &gw,
+        "/v1/scan/raw",
+        &bearer(&token),
+        &random_bytes(46_080, 32),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+
+    a.write_all(&data[45_056..]).await.unwrap();
+    let mut answer = String::new();
+    a.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let used = store.usage(&id, month).await.unwrap();
+        if used
+            == (Usage {
+                files: 2,
+                bytes: 92_160,
+            })
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{used:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.stop().await;
+}
+
 /// Another process that holds the state store's write lock (an operator's
 /// `sqlite3` left inside a transaction, a backup tool) must not turn into
 /// verdicts or lost counts. A scan that has to count against a quota waits

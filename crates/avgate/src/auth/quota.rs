@@ -79,6 +79,8 @@ struct Counted {
     id: String,
     month: Month,
     quotas: Quotas,
+    /// The request's Content-Length: no file in it is larger.
+    declared: Option<u64>,
 }
 
 impl Auth {
@@ -137,6 +139,7 @@ impl Auth {
                 id,
                 month,
                 quotas,
+                declared,
             }),
             _slot: slot,
         })
@@ -175,6 +178,7 @@ impl Meter {
                 id: t.id.clone(),
                 month: t.month,
                 limit,
+                ceiling: t.declared,
                 counts: Mutex::new(ByteCounts::default()),
             })
         });
@@ -191,6 +195,8 @@ pub struct ByteBudget {
     id: String,
     month: Month,
     limit: u64,
+    /// No more is reserved for the file than this (the request's size).
+    ceiling: Option<u64>,
     counts: Mutex<ByteCounts>,
 }
 
@@ -206,19 +212,31 @@ impl ByteBudget {
     /// Counts `n` more bytes of the file; refuses once they do not fit in
     /// what is left of the quota (the file is then not scanned).
     pub async fn take(&self, n: u64) -> Result<(), BodyError> {
-        let (need, seen) = {
+        let (need, ahead) = {
             let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+            let before = c.seen;
             c.seen += n;
-            (c.seen.saturating_sub(c.reserved), c.seen)
+            let need = c.seen.saturating_sub(c.reserved);
+            // Ahead by as much as had arrived before, up to a step: few
+            // store writes for a large file. A file that arrives in one
+            // piece holds its size, and none holds more than its request
+            // could carry: what it holds ahead is out of reach for the
+            // token's other uploads, which would be refused for it.
+            let mut ahead = need + before.min(RESERVE_STEP);
+            if let Some(ceiling) = self.ceiling {
+                ahead = ahead.min(ceiling.saturating_sub(c.reserved)).max(need);
+            }
+            (need, ahead)
         };
         if need == 0 {
             return Ok(());
         }
-        // Ahead by as much as has arrived, up to a step: few store writes
-        // for a large file, and a small one (which arrives whole) holds no
-        // more than its size, so it never crowds out another.
-        let ahead = need + seen.min(RESERVE_STEP);
-        for amount in [ahead, need] {
+        let amounts = if ahead > need {
+            &[ahead, need][..]
+        } else {
+            &[need][..]
+        };
+        for &amount in amounts {
             let (month, limit) = (self.month, self.limit);
             let granted = reserve_detached(
                 self.store.clone(),
