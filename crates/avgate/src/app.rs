@@ -280,7 +280,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             shutdown_timeout: config.shutdown_timeout.0,
         };
         if let (Some(http_listener), Some(tls)) = (http_listener, &tls) {
-            let redirect = web::redirect::router(addr.port(), tls.http01.clone());
+            let redirect = web::redirect_router(&state, addr.port(), tls.http01.clone());
             let (limits, stop) = (limits.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
                 server::serve(

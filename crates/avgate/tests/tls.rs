@@ -245,6 +245,8 @@ async fn https_with_certificate_files_http2_hsts_old_versions_refused_and_reload
         format!("https://localhost:{port}/v1/scan/raw?filename=a.txt").as_str()
     );
     assert!(r.headers().get("strict-transport-security").is_none());
+    // Like every answer of avgate's, with an id to find it in the log by.
+    assert_eq!(r.headers()["x-request-id"].len(), 32, "{:?}", r.headers());
 
     // TLS 1.2 and 1.3 are accepted; 1.0 and 1.1 are refused by the server
     // with an alert in answer to the ClientHello, not merely left

@@ -130,6 +130,22 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(observed, request_context))
 }
 
+/// The plain-HTTP listener beside HTTPS ([`redirect::router`]), with the
+/// same request context as the API: its answers carry an `X-Request-Id`,
+/// are counted and logged.
+pub fn redirect_router(
+    state: &AppState,
+    https_port: u16,
+    http01: Option<Arc<rustls_acme::ResolvesServerCertAcme>>,
+) -> Router {
+    let observed = Observed {
+        perimeter: state.perimeter.clone(),
+        metrics: state.metrics.clone(),
+    };
+    redirect::router(https_port, http01)
+        .layer(middleware::from_fn_with_state(observed, request_context))
+}
+
 /// What [`request_context`] needs.
 #[derive(Clone)]
 struct Observed {

@@ -19,11 +19,17 @@ struct Redirect {
     http01: Option<Arc<ResolvesServerCertAcme>>,
 }
 
+/// The redirecting router, without the request context (ids, metrics,
+/// the request log line) that [`super::redirect_router`] adds.
 pub fn router(https_port: u16, http01: Option<Arc<ResolvesServerCertAcme>>) -> Router {
     Router::new()
         .route("/.well-known/acme-challenge/{token}", get(challenge))
         .fallback(to_https)
         .with_state(Redirect { https_port, http01 })
+}
+
+fn bad_request(message: &str) -> Response {
+    super::error::ApiError::new(super::error::Code::InvalidRequest, message).into_response()
 }
 
 async fn challenge(
@@ -60,6 +66,10 @@ async fn to_https(State(redirect): State<Redirect>, request: Request) -> Respons
         )
         .into_response();
     }
+    // Which one a proxy in front would take is anyone's guess.
+    if request.headers().get_all(header::HOST).iter().count() > 1 {
+        return bad_request("more than one Host header");
+    }
     // The host the client asked for (HTTP/1.1 Host, or an HTTP/2 or
     // absolute-form authority), without its port.
     let authority = request.uri().authority().cloned().or_else(|| {
@@ -70,16 +80,18 @@ async fn to_https(State(redirect): State<Redirect>, request: Request) -> Respons
             .and_then(|h| h.parse::<axum::http::uri::Authority>().ok())
     });
     let Some(authority) = authority else {
-        return (StatusCode::BAD_REQUEST, "a Host header is required\n").into_response();
+        return bad_request("a valid Host header is required to redirect to HTTPS");
     };
     let port = match redirect.https_port {
         443 => String::new(),
         port => format!(":{port}"),
     };
+    // `OPTIONS *` asks about the server, not a resource: its root.
     let path = request
         .uri()
         .path_and_query()
         .map(|p| p.as_str())
+        .filter(|p| p.starts_with('/'))
         .unwrap_or("/");
     let location = format!("https://{}{port}{path}", authority.host());
     match HeaderValue::from_str(&location) {
@@ -88,7 +100,7 @@ async fn to_https(State(redirect): State<Redirect>, request: Request) -> Respons
             [(header::LOCATION, location)],
         )
             .into_response(),
-        Err(_) => StatusCode::BAD_REQUEST.into_response(),
+        Err(_) => bad_request("the requested URL cannot be redirected to HTTPS"),
     }
 }
 
@@ -145,14 +157,41 @@ mod tests {
         assert!(String::from_utf8_lossy(&body).contains("\"https_required\""));
     }
 
+    /// The JSON error shape and a code, as every other answer of avgate.
+    async fn assert_invalid_request(r: Response) {
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let body = axum::body::to_bytes(r.into_body(), 4096).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "invalid_request", "{body}");
+    }
+
     #[tokio::test]
-    async fn unknown_challenges_and_missing_hosts() {
+    async fn unknown_challenges_and_missing_or_doubled_hosts() {
         let r = get("/.well-known/acme-challenge/abc", Some("a.example")).await;
         assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
-        assert_eq!(get("/", None).await.status(), StatusCode::BAD_REQUEST);
-        assert_eq!(
-            get("/", Some("evil.example/path")).await.status(),
-            StatusCode::BAD_REQUEST
-        );
+        assert_invalid_request(get("/", None).await).await;
+        assert_invalid_request(get("/", Some("evil.example/path")).await).await;
+        let two_hosts = Request::builder()
+            .uri("/")
+            .header("host", "a.example")
+            .header("host", "b.example")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_invalid_request(router(443, None).oneshot(two_hosts).await.unwrap()).await;
+    }
+
+    /// `OPTIONS *` (asterisk-form) goes to the server's root, not to a
+    /// URL with a `*` glued to the port.
+    #[tokio::test]
+    async fn options_star_goes_to_the_root() {
+        let request = Request::builder()
+            .method("OPTIONS")
+            .uri("*")
+            .header("host", "a.example")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let r = router(8443, None).oneshot(request).await.unwrap();
+        assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(r.headers()["location"], "https://a.example:8443/");
     }
 }
