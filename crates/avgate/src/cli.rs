@@ -293,6 +293,12 @@ pub fn check_files(config: &Config) -> Vec<String> {
             problems.push(format!("tls: {e:#}"));
         }
     }
+    if let Some(ca_root) = &config.tls.acme.ca_root {
+        // Read as serve reads it at start.
+        if let Err(e) = crate::tls::acme::directory_client(Some(ca_root)) {
+            problems.push(format!("{e:#}"));
+        }
+    }
     let managed = config.clamd.backends.is_empty();
     if managed {
         // The lookups serve makes at start, so that the two agree.
@@ -363,7 +369,36 @@ pub fn table<const N: usize>(header: [&str; N], rows: &[[String; N]], empty: &st
 
 #[cfg(test)]
 mod tests {
-    use super::table;
+    use super::{check_files, table};
+    use crate::config::Config;
+
+    /// check-config reads the files serve would refuse to start without.
+    #[test]
+    fn check_files_reads_the_tls_and_acme_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            clamd: crate::config::ClamdConfig {
+                backends: vec!["unix:/x".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(check_files(&config), Vec::<String>::new());
+        config.tls.acme.ca_root = Some(dir.path().join("missing.pem"));
+        let problems = check_files(&config);
+        assert!(
+            problems.len() == 1 && problems[0].contains("cannot read tls.acme.ca_root"),
+            "{problems:?}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        config.tls.acme.ca_root = Some(empty);
+        let problems = check_files(&config);
+        assert!(
+            problems[0].contains("holds no PEM certificate"),
+            "{problems:?}"
+        );
+    }
 
     #[test]
     fn a_table_cuts_long_cells_instead_of_failing() {

@@ -120,7 +120,7 @@ impl Acme {
 
 /// The TLS client for the ACME directory: the web PKI roots, plus
 /// `ca_root` for a private CA (an internal ACME server, or pebble).
-fn directory_client(ca_root: Option<&Path>) -> anyhow::Result<ClientConfig> {
+pub(crate) fn directory_client(ca_root: Option<&Path>) -> anyhow::Result<ClientConfig> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_root {
