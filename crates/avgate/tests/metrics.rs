@@ -305,6 +305,30 @@ fn promtool_accepts_the_alert_rules() {
     assert!(report.contains("SUCCESS"), "{report}");
 }
 
+/// Every rule in the file is in the operations guide's table of alerts,
+/// and the table names no rule the file does not have.
+#[test]
+fn the_alerts_table_lists_the_alert_rules() {
+    let rules = std::fs::read_to_string(repo_root().join("deploy/prometheus-alerts.yml")).unwrap();
+    let guide = std::fs::read_to_string(repo_root().join("docs/operations.md")).unwrap();
+    let mut in_file: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .map(str::trim)
+        .collect();
+    let table = &guide[guide.find("### Alerts").expect("an Alerts section")..];
+    let mut in_table: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|name| name.starts_with("Avgate"))
+        .collect();
+    in_file.sort();
+    in_table.sort();
+    assert!(in_file.len() >= 10, "{in_file:?}");
+    assert_eq!(in_table, in_file);
+}
+
 #[test]
 fn the_grafana_dashboard_is_valid_and_asks_for_a_prometheus_datasource() {
     let text = std::fs::read_to_string(repo_root().join("deploy/grafana-dashboard.json")).unwrap();
