@@ -315,3 +315,70 @@ fn the_external_clamd_settings_agree_wherever_they_are_written() {
         }
     }
 }
+
+/// The AppArmor rules scripts/setup.sh adds for avgate's data directories
+/// are valid in both ClamAV profiles, as the Debian packages ship them:
+/// apparmor_parser compiles each profile with them (without loading it; no
+/// AppArmor in the kernel here, so whether clamd then starts under them
+/// is not checked).
+#[test]
+fn the_apparmor_rules_of_the_setup_script_compile() {
+    let setup = std::fs::read_to_string(repo_root().join("scripts/setup.sh")).unwrap();
+    let rules: String = setup
+        .split("<<'RULES'\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\nRULES\n").next())
+        .expect("a RULES here-document in scripts/setup.sh")
+        .to_owned();
+    assert!(rules.contains("/var/lib/avgate/clamd/** rwk,"), "{rules}");
+    let base = tempfile::tempdir().unwrap();
+    for dir in ["abstractions", "tunables", "abi"] {
+        let from = Path::new("/etc/apparmor.d").join(dir);
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(&from)
+            .arg(base.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "copy {}", from.display());
+    }
+    std::fs::create_dir(base.path().join("local")).unwrap();
+    for profile in ["usr.sbin.clamd", "usr.bin.freshclam"] {
+        std::fs::copy(
+            Path::new("/etc/apparmor.d").join(profile),
+            base.path().join(profile),
+        )
+        .unwrap();
+        std::fs::write(base.path().join("local").join(profile), &rules).unwrap();
+        let out = Command::new("apparmor_parser")
+            .args(["--skip-kernel-load", "--skip-cache", "--base"])
+            .arg(base.path())
+            .arg("--preprocess")
+            .arg(profile)
+            .current_dir(base.path())
+            .output()
+            .expect("apparmor_parser (package apparmor)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{profile}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("/var/lib/avgate/clamd/** rwk,"),
+            "{profile}: the rules are in"
+        );
+        let compiled = Command::new("apparmor_parser")
+            .args(["--skip-kernel-load", "--skip-cache", "--base"])
+            .arg(base.path())
+            .arg(profile)
+            .current_dir(base.path())
+            .output()
+            .unwrap();
+        assert!(
+            compiled.status.success(),
+            "{profile}: {}",
+            String::from_utf8_lossy(&compiled.stderr)
+        );
+    }
+}

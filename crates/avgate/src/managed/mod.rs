@@ -197,6 +197,7 @@ impl ManagedClamd {
             LockError::Io(e) => anyhow::anyhow!("cannot lock {}: {e}", dir.join("avgate.lock").display()),
         })?;
 
+        warn_about_apparmor(&executable, &config.data_dir);
         let update_mode = updates::decide(config, &dir)?;
         let layout = DatabaseLayout {
             dir: dir.join("db"),
@@ -645,6 +646,53 @@ impl ManagedClamd {
         let _ = std::fs::remove_file(&self.pid_path);
         let _ = std::fs::remove_file(&self.socket);
     }
+}
+
+/// Warns when AppArmor will likely keep clamd out of avgate's data
+/// directory: the clamav-daemon package confines `/usr/sbin/clamd` to its
+/// own paths whoever starts it, and a confined clamd cannot read its
+/// configuration or make its socket there (it then exits, and says so).
+fn warn_about_apparmor(executable: &Path, data_dir: &Path) {
+    let enabled = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+        .is_ok_and(|s| s.trim() == "Y");
+    let profile = Path::new("/etc/apparmor.d/usr.sbin.clamd");
+    let confined = enabled
+        && std::fs::canonicalize(executable).is_ok_and(|e| e == Path::new("/usr/sbin/clamd"))
+        && profile.exists()
+        && !Path::new("/etc/apparmor.d/disable/usr.sbin.clamd").exists();
+    if !confined {
+        return;
+    }
+    let local = std::fs::read_to_string("/etc/apparmor.d/local/usr.sbin.clamd").unwrap_or_default();
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    if let Some(rules) = apparmor_rules_missing(data_dir, &local, home.as_deref()) {
+        tracing::warn!(
+            profile = %profile.display(),
+            "AppArmor confines clamd to the ClamAV package's paths, and its rules do not \
+             name avgate's data directory: the managed clamd will likely fail to start. \
+             Add to /etc/apparmor.d/local/usr.sbin.clamd (and usr.bin.freshclam): {rules} \
+             then run: apparmor_parser -r /etc/apparmor.d/usr.sbin.clamd \
+             (scripts/setup.sh does this for the default data directories)"
+        );
+    }
+}
+
+/// The local AppArmor rules `data_dir` needs, unless `local` (the
+/// profile's local overrides) has them: its own path, or, for the default
+/// data directories, the rules scripts/setup.sh writes. /tmp is in the
+/// package's profile already.
+fn apparmor_rules_missing(data_dir: &Path, local: &str, home: Option<&Path>) -> Option<String> {
+    let clamd_dir = data_dir.join("clamd");
+    if data_dir.starts_with("/tmp") || local.contains(&format!("{}/", clamd_dir.display())) {
+        return None;
+    }
+    let default = data_dir == Path::new("/var/lib/avgate")
+        || home.is_some_and(|h| data_dir == h.join(".local/share/avgate"));
+    if default && local.contains("@{HOME}/.local/share/avgate/clamd/") {
+        return None;
+    }
+    let dir = clamd_dir.display();
+    Some(format!("\"{dir}/ rw,\" and \"{dir}/** rwk,\""))
 }
 
 /// `setpriv` (util-linux, on every Debian and Ubuntu system) when it can
@@ -1422,6 +1470,36 @@ mod external_tests {
         );
         let remote: clamd::Address = "tcp://10.0.0.5:3310".parse().unwrap();
         assert_eq!(check_external_conf(&remote, conf), None);
+    }
+
+    #[test]
+    fn apparmor_rules_are_asked_for_unless_present() {
+        let setup = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/setup.sh"),
+        )
+        .unwrap();
+        let home = Path::new("/home/ops");
+        let user_default = home.join(".local/share/avgate");
+        // Nothing yet: the rules for the directory, by name.
+        let wanted = apparmor_rules_missing(&user_default, "", Some(home)).unwrap();
+        assert!(
+            wanted.contains("/home/ops/.local/share/avgate/clamd/** rwk,"),
+            "{wanted}"
+        );
+        // What scripts/setup.sh writes covers both default directories...
+        assert_eq!(
+            apparmor_rules_missing(&user_default, &setup, Some(home)),
+            None
+        );
+        let service = Path::new("/var/lib/avgate");
+        assert_eq!(apparmor_rules_missing(service, &setup, Some(home)), None);
+        // ...not another one, which its own rules do.
+        let other = Path::new("/srv/avgate");
+        assert!(apparmor_rules_missing(other, &setup, Some(home)).is_some());
+        let own = "/srv/avgate/clamd/ rw,\n/srv/avgate/clamd/** rwk,\n";
+        assert_eq!(apparmor_rules_missing(other, own, Some(home)), None);
+        // /tmp is the package's already.
+        assert_eq!(apparmor_rules_missing(Path::new("/tmp/x"), "", None), None);
     }
 
     /// `/run` and `/var/run` (a link to it) are one directory.
