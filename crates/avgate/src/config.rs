@@ -595,6 +595,10 @@ impl Config {
                 origin: format!("environment variable {key}"),
                 message,
             };
+            // Each alone, so that a mistake names its variable.
+            let mut alone = toml::Table::new();
+            set_path(&mut alone, &path, env_value(&value)).map_err(invalid)?;
+            Config::deserialize(toml::Value::Table(alone)).map_err(|e| invalid(e.to_string()))?;
             set_path(&mut from_env, &path, env_value(&value)).map_err(invalid)?;
             set_path(&mut table, &path, env_value(&value)).map_err(invalid)?;
         }
@@ -908,6 +912,19 @@ impl fmt::Display for ByteSize {
             write!(f, "{}KiB", n >> 10)
         } else {
             write!(f, "{n}")
+        }
+    }
+}
+
+impl ByteSize {
+    /// For messages: `150MiB (157286400 bytes)`, in the notation of the
+    /// configuration and exact; `67884 bytes` when those are the same.
+    pub fn describe(self) -> String {
+        let short = self.to_string();
+        if short == self.0.to_string() {
+            format!("{short} bytes")
+        } else {
+            format!("{short} ({} bytes)", self.0)
         }
     }
 }
@@ -1454,9 +1471,24 @@ enabled = false
         assert!(err.contains("avgate.toml"), "{err}");
         assert!(err.contains("line 4"), "{err}");
         assert!(err.contains("timeoutt"), "{err}");
-        let err = load_env(&[("AVGATE_CLAMD__TIMEOUTT", "1s")]).unwrap_err();
+        // A variable's name its own: which one of several is wrong.
+        let err = load_env(&[
+            ("AVGATE_MAX_SIZE", "1MiB"),
+            ("AVGATE_CLAMD__TIMEOUTT", "1s"),
+        ])
+        .unwrap_err();
         assert!(err.to_string().contains("timeoutt"), "{err}");
-        assert!(err.to_string().contains("environment"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("environment variable AVGATE_CLAMD__TIMEOUTT"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sizes_are_described_in_both_notations_once() {
+        assert_eq!(ByteSize(150 << 20).describe(), "150MiB (157286400 bytes)");
+        assert_eq!(ByteSize(67_884).describe(), "67884 bytes");
     }
 
     #[test]

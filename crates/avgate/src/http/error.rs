@@ -244,8 +244,8 @@ impl ApiError {
             Code::FileTooLarge,
             // In the notation of max_size (150MiB), and exact.
             format!(
-                "the file is larger than the limit of {} ({limit} bytes)",
-                crate::config::ByteSize(limit)
+                "the file is larger than the limit of {}",
+                crate::config::ByteSize(limit).describe()
             ),
         )
     }

@@ -354,8 +354,8 @@ impl Form {
                 ApiError::new(
                     Code::RequestTooLarge,
                     format!(
-                        "the request is larger than the limit of {} ({max_body} bytes)",
-                        crate::config::ByteSize(max_body)
+                        "the request is larger than the limit of {}",
+                        crate::config::ByteSize(max_body).describe()
                     ),
                 )
             });
