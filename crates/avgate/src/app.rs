@@ -257,7 +257,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             shutdown_timeout: config.shutdown_timeout.0,
         };
         let stop = metrics_stop.clone();
-        let app = crate::metrics::router(metrics);
+        // Health too: a container's health check or a Kubernetes probe
+        // asks here in plain HTTP whatever the public listener speaks
+        // (TLS, a domain's certificate, another port).
+        let app = crate::metrics::router(metrics).merge(web::health_router(state.clone()));
         tasks.push(tokio::spawn(
             async move { server::serve(listener, app, limits, None, stop.cancelled_owned()).await }
                 .instrument(tracing::info_span!("metrics_listener")),

@@ -446,11 +446,17 @@ impl Drop for InFlight {
     }
 }
 
-/// The metrics listener's router: `GET /metrics`, nothing else.
+/// The metrics listener's router: `GET /metrics` (the health endpoints
+/// are merged in by the caller).
 pub fn router(metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/metrics", get(scrape))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "metrics are at /metrics\n") })
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                "metrics are at /metrics (and /healthz, /readyz)\n",
+            )
+        })
         .with_state(metrics)
 }
 

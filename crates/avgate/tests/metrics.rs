@@ -159,6 +159,19 @@ async fn metrics_count_known_scans_by_label_and_pass_promtool() {
     // Never on the public listener.
     let r = gw.client.get(gw.url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 404, "the public listener serves no metrics");
+    // Health on the metrics listener too, in plain HTTP whatever the public
+    // one speaks (a container's health check); nothing else of the API.
+    let on_metrics = |path: &str| gw.client.get(format!("http://{metrics_addr}{path}")).send();
+    let (status, ready) = json(on_metrics("/readyz").await.unwrap()).await;
+    assert_eq!(
+        (status, ready["status"].as_str()),
+        (200, Some("ready")),
+        "{ready}"
+    );
+    assert_eq!(on_metrics("/healthz").await.unwrap().status(), 200);
+    for path in ["/version", "/v1/scan"] {
+        assert_eq!(on_metrics(path).await.unwrap().status(), 404, "{path}");
+    }
 
     let text = scrape_metrics(&gw.client, metrics_addr).await;
     let s = parse(&text);

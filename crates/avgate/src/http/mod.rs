@@ -130,6 +130,14 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(observed, request_context))
 }
 
+/// `/healthz` and `/readyz` alone, for the metrics listener.
+pub fn health_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .with_state(state)
+}
+
 /// The plain-HTTP listener beside HTTPS ([`redirect::router`]), with the
 /// same request context as the API: its answers carry an `X-Request-Id`,
 /// are counted and logged.
