@@ -234,12 +234,29 @@ impl CertCache for DirCache {
 impl AccountCache for DirCache {
     type EA = std::io::Error;
 
+    /// A key that does not parse (the disk, a hand edit) would make every
+    /// order fail, forever, with an error that names no file: it is moved
+    /// aside (`.corrupt`) and a new account is made instead.
     async fn load_account(
         &self,
         contact: &[String],
         directory: &str,
     ) -> Result<Option<Vec<u8>>, Self::EA> {
-        Self::read(self.path("account", contact, directory)).await
+        let path = self.path("account", contact, directory);
+        let Some(key) = Self::read(path.clone()).await? else {
+            return Ok(None);
+        };
+        if account_key_parses(&key) {
+            return Ok(Some(key));
+        }
+        let aside = path.with_extension("pem.corrupt");
+        std::fs::rename(&path, &aside)?;
+        tracing::warn!(
+            file = %path.display(),
+            moved_to = %aside.display(),
+            "the cached ACME account key does not parse; registering a new account"
+        );
+        Ok(None)
     }
 
     async fn store_account(
@@ -252,9 +269,50 @@ impl AccountCache for DirCache {
     }
 }
 
+/// An account key as rustls-acme stores it: PKCS#8 DER, ECDSA.
+fn account_key_parses(key: &[u8]) -> bool {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.to_vec()));
+    rustls::crypto::ring::sign::any_ecdsa_type(&der).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_corrupt_account_key_is_moved_aside_and_a_new_one_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DirCache::create(dir.path().join("acme")).unwrap();
+        let contact = ["mailto:ops@example.com".to_owned()];
+        // A key as rustls-acme makes it.
+        let good = rustls_acme::acme::Account::generate_key_pair();
+        cache
+            .store_account(&contact, "https://ca/dir", &good)
+            .await
+            .unwrap();
+        assert_eq!(
+            cache
+                .load_account(&contact, "https://ca/dir")
+                .await
+                .unwrap(),
+            Some(good)
+        );
+        let path = cache.path("account", &contact, "https://ca/dir");
+        std::fs::write(&path, b"not a key").unwrap();
+        assert_eq!(
+            cache
+                .load_account(&contact, "https://ca/dir")
+                .await
+                .unwrap(),
+            None
+        );
+        assert!(!path.exists());
+        assert_eq!(
+            std::fs::read(path.with_extension("pem.corrupt")).unwrap(),
+            b"not a key"
+        );
+    }
 
     #[test]
     fn directory_names() {
