@@ -27,7 +27,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::managed::{ClamdEvent, ManagedClamd};
+use crate::managed::{LoadCounts, LoadOutcome, ManagedClamd};
 use crate::store::clock;
 
 /// Longest wait for the managed clamd to finish loading a database (the
@@ -317,12 +317,12 @@ impl Signatures {
             }
         }
         let timeouts = self.pool.timeouts().for_probe();
-        // Loads clamd started before this RELOAD went out: one of them
+        // The loads clamd started before this RELOAD went out: one of them
         // ending is not this reload ending.
-        let mut events = managed.map(|m| {
-            let mut rx = m.log().subscribe();
-            rx.borrow_and_update();
-            (rx, m.log().loads_started())
+        let mut watch = managed.map(|m| {
+            let mut changes = m.log().subscribe();
+            changes.borrow_and_update();
+            (changes, m.log().counts())
         });
         let result = async {
             let mut conn = Connection::connect(&backend.address, timeouts).await?;
@@ -337,17 +337,21 @@ impl Signatures {
             if let Some(m) = managed {
                 m.reload_missed();
             }
-        } else if let (Some((events, loads_before)), Some(m)) = (&mut events, managed) {
-            match wait_for_managed(m, events, *loads_before, backend, timeouts).await {
+        } else if let (Some((changes, before)), Some(m)) = (&mut watch, managed) {
+            match wait_for_managed(m, changes, before, backend, timeouts).await {
                 Ok(Some(signatures)) => {
-                    if let Some(m) = managed {
-                        m.record_signatures(signatures);
-                    }
+                    m.record_signatures(signatures);
                     backend.database_reloaded();
                     detail = Some(format!("{signatures} signatures"));
                 }
                 Ok(None) => detail = Some("clamd was restarted meanwhile".into()),
-                Err(why) => {
+                Err(WaitError::Refused(why)) => {
+                    outcome = "failed";
+                    detail = Some(why);
+                }
+                Err(WaitError::NotDone(why)) => {
+                    // Owed: tried again until a reload gets through.
+                    m.reload_missed();
                     outcome = "failed";
                     detail = Some(why);
                 }
@@ -456,85 +460,104 @@ impl StaleWarnings {
     }
 }
 
-/// Waits for the managed clamd to finish the reload just sent (after
-/// `loads_before` loads): `Some(signatures)` when it did, `None` when it
-/// was restarted meanwhile (a new process loads the current database
-/// anyway). Sends the RELOAD again when clamd did not take it: no load
-/// started within [`RELOAD_TAKEN`], or the load that ended had started
-/// before it (someone else's; clamd let ours join it or dropped it).
+/// Why a managed reload did not end with the new database in use.
+enum WaitError {
+    /// clamd loaded the files and refused them (it keeps its previous
+    /// database; reloading again would fail again until they change).
+    Refused(String),
+    /// clamd did not load them (never took the RELOAD, or is still at it):
+    /// the reload is owed.
+    NotDone(String),
+}
+
+/// Waits for the managed clamd to load the files after the RELOAD just
+/// sent (`before`: its loads until then): `Some(signatures)` once the new
+/// engine is in use, `None` when a new clamd process started meanwhile (it
+/// loads the directory as it is). The first load to start after a RELOAD
+/// is the one that reads the directory as avgate left it.
+///
+/// clamd answers RELOADING to every RELOAD but does not act on one that
+/// comes while it loads or activates another database (someone's
+/// `clamdscan --reload`, a SIGUSR2): once that load is over, the RELOAD is
+/// sent again. One that starts no load at all within [`RELOAD_TAKEN`]
+/// (and nothing else running) is sent again too, [`RELOAD_SENDS`] times in
+/// all.
 async fn wait_for_managed(
     managed: &ManagedClamd,
-    events: &mut tokio::sync::watch::Receiver<ClamdEvent>,
-    loads_before: u64,
+    changes: &mut tokio::sync::watch::Receiver<()>,
+    before: &LoadCounts,
     backend: &Backend,
     timeouts: Timeouts,
-) -> Result<Option<u64>, String> {
+) -> Result<Option<u64>, WaitError> {
     use tokio::time::Instant;
+    let log = managed.log();
     let deadline = Instant::now() + RELOAD_TIMEOUT;
-    let mut loads_before = loads_before;
+    // Loads started before the latest RELOAD went out.
+    let mut base = before.started;
     let mut sends = 1;
     let mut resend_at = Instant::now() + RELOAD_TAKEN;
+    // Another load was running after the latest RELOAD went out.
+    let mut met_another = false;
     loop {
-        let taken = managed.log().loads_started() > loads_before;
-        let until = if taken {
+        let now = log.counts();
+        if now.processes != before.processes {
+            return Ok(None);
+        }
+        let ours_started = now.started > base;
+        if ours_started {
+            match log.outcome(base + 1) {
+                Some(LoadOutcome::Loaded { signatures }) => return Ok(Some(signatures)),
+                Some(LoadOutcome::Failed(why)) => {
+                    return Err(WaitError::Refused(format!("clamd: {why}")))
+                }
+                None => {}
+            }
+        } else if now.loading() {
+            met_another = true;
+        } else if met_another || Instant::now() >= resend_at {
+            if !met_another {
+                if sends == RELOAD_SENDS {
+                    return Err(WaitError::NotDone(format!(
+                        "clamd started no load after {RELOAD_SENDS} RELOAD commands"
+                    )));
+                }
+                sends += 1;
+            }
+            tracing::warn!(
+                backend = %backend.address,
+                after_another_load = met_another,
+                "clamd did not take the RELOAD (it was loading another database, or did not answer with a load); sending it again"
+            );
+            met_another = false;
+            base = now.started;
+            resend_at = Instant::now() + RELOAD_TAKEN;
+            let sent = async {
+                let mut conn = Connection::connect(&backend.address, timeouts).await?;
+                conn.reload().await
+            }
+            .await;
+            if let Err(e) = sent {
+                return Err(WaitError::NotDone(format!("RELOAD: {e}")));
+            }
+            continue;
+        }
+        // Nothing to do until the log says more (or it is time to send
+        // again: only while no load runs).
+        let until = if ours_started || now.loading() {
             deadline
         } else {
             resend_at.min(deadline)
         };
-        let mut resend = false;
-        let changed = tokio::time::timeout_at(until, events.changed()).await;
-        // Read at once: the watch's guard must not live across an await.
-        let event = changed
-            .as_ref()
-            .is_ok_and(|r| r.is_ok())
-            .then(|| events.borrow_and_update().clone());
-        match changed {
+        match tokio::time::timeout_at(until, changes.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(WaitError::NotDone("the managed clamd is gone".into())),
             Err(_) if until == deadline => {
-                return Err(format!(
-                    "clamd did not finish reloading within {RELOAD_TIMEOUT:?}"
-                ))
+                return Err(WaitError::NotDone(format!(
+                    "clamd did not finish loading within {RELOAD_TIMEOUT:?}"
+                )))
             }
-            // A load may have started meanwhile (the watch holds only the
-            // last event): the counter decides.
-            Err(_) => resend = managed.log().loads_started() == loads_before,
-            Ok(Err(_)) => return Err("the managed clamd is gone".into()),
-            Ok(Ok(())) => match event.unwrap_or(ClamdEvent::None) {
-                ClamdEvent::Reloaded { signatures, load } if load > loads_before => {
-                    return Ok(Some(signatures))
-                }
-                ClamdEvent::Reloaded { .. } => resend = true,
-                ClamdEvent::ReloadFailed(why) => {
-                    // The failure is on stderr and the load's start on
-                    // stdout, read by another task: let it catch up.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    if managed.log().loads_started() > loads_before {
-                        return Err(format!("clamd: {why}"));
-                    }
-                    resend = true;
-                }
-                ClamdEvent::Started => return Ok(None),
-                ClamdEvent::None => {}
-            },
+            Err(_) => {}
         }
-        if !resend {
-            continue;
-        }
-        if sends == RELOAD_SENDS {
-            return Err(format!(
-                "clamd did not take any of {RELOAD_SENDS} RELOAD commands (no load started after them)"
-            ));
-        }
-        tracing::warn!(
-            backend = %backend.address,
-            "clamd did not take a RELOAD (it was loading or activating another database); sending it again"
-        );
-        sends += 1;
-        loads_before = managed.log().loads_started();
-        resend_at = Instant::now() + RELOAD_TAKEN;
-        let mut conn = Connection::connect(&backend.address, timeouts)
-            .await
-            .map_err(|e| format!("RELOAD: {e}"))?;
-        conn.reload().await.map_err(|e| format!("RELOAD: {e}"))?;
     }
 }
 

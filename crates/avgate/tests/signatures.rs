@@ -602,7 +602,9 @@ async fn no_request_fails_across_a_managed_reload_and_the_new_signature_is_found
 /// database (someone else's `clamdscan --reload`, a SIGUSR2), but does not
 /// load again: the files avgate linked meanwhile would not be in force. Nor
 /// does it hear one that comes while it activates the engine it loaded.
-/// avgate sends its RELOAD again until a load starts after it.
+/// avgate sends its RELOAD again once that load is over, however long it
+/// takes (the last round's takes over 35 s: clamd is let run 2 % of the
+/// time; longer than avgate waits for a RELOAD that starts nothing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_meets_another_load_is_sent_again_and_the_new_file_is_used() {
     let root = short_tempdir("avg-rl2");
@@ -624,34 +626,61 @@ async fn a_reload_that_meets_another_load_is_sent_again_and_the_new_file_is_used
     let pattern = b"avgate second reload pattern 51c9";
     let sample = [&b"text before "[..], pattern, b" and after"].concat();
 
-    for round in 0..2 {
+    for round in 0..3 {
         // Someone else's reload, straight to clamd's socket; avgate's own
         // comes while clamd loads for it.
-        let loads = managed.log().loads_started();
+        let loads = managed.log().counts().started;
         let mut s =
             std::os::unix::net::UnixStream::connect(root.path().join("data/clamd/clamd.sock"))
                 .unwrap();
         s.write_all(b"zRELOAD\0").unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while managed.log().loads_started() == loads {
+        while managed.log().counts().started == loads {
             assert!(Instant::now() < deadline, "clamd did not start loading");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let foreign_started = Instant::now();
+        let throttle = if round == 2 {
+            let (_, ready) = gw.get("/readyz").await;
+            let pid = ready["managed_clamd"]["pid"].as_i64().unwrap() as i32;
+            Some(throttle(pid, Duration::from_secs(35)))
+        } else {
+            None
+        };
+        // When the other load ends.
+        let ended = {
+            let managed = managed.clone();
+            tokio::spawn(async move {
+                while managed.log().counts().ended < loads + 1 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                foreign_started.elapsed()
+            })
+        };
         let name = format!("Avgate-Second-Reload-{round}");
         std::fs::write(db.join("avgate-second.ndb"), ndb(&name, pattern)).unwrap();
         let report = tokio::time::timeout(
-            Duration::from_secs(120),
+            Duration::from_secs(180),
             gw.state().signatures.reload("test: during another load"),
         )
         .await
         .expect("the reload ended");
-        assert!(report.ok, "{report:?}");
+        let other_load = ended.await.unwrap();
+        eprintln!("round {round}: the other load took {other_load:?}");
+        if let Some(throttle) = throttle {
+            throttle.join().unwrap();
+            assert!(
+                other_load > Duration::from_secs(35),
+                "the other load was slowed down: {other_load:?}"
+            );
+        }
+        assert!(report.ok, "round {round}: {report:?}");
         assert_eq!(report.backends[0].outcome, "reloaded", "{report:?}");
         // Its own load, after the other one.
+        let counts = managed.log().counts();
         assert!(
-            managed.log().loads_started() >= loads + 2,
-            "round {round}: {} loads after {loads}",
-            managed.log().loads_started()
+            counts.started >= loads + 2,
+            "round {round}: {counts:?} after {loads} loads"
         );
         // In force as soon as the reload says so.
         let (status, found) = gw.scan("sample.txt", sample.clone()).await;
@@ -660,6 +689,23 @@ async fn a_reload_that_meets_another_load_is_sent_again_and_the_new_file_is_used
         assert_eq!(found["signature"], format!("{name}.UNOFFICIAL"), "{found}");
     }
     gw.stop().await;
+}
+
+/// Lets process `pid` run 10 ms in every 500 for `how_long` (SIGSTOP,
+/// SIGCONT): a clamd on a very busy host.
+fn throttle(pid: i32, how_long: Duration) -> std::thread::JoinHandle<()> {
+    use nix::sys::signal::{kill, Signal};
+    let pid = nix::unistd::Pid::from_raw(pid);
+    std::thread::spawn(move || {
+        let until = Instant::now() + how_long;
+        while Instant::now() < until {
+            let _ = kill(pid, Signal::SIGSTOP);
+            std::thread::sleep(Duration::from_millis(490));
+            let _ = kill(pid, Signal::SIGCONT);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = kill(pid, Signal::SIGCONT);
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,20 @@ use crate::auth::AdminPrincipal;
 
 pub async fn reload(admin: AdminPrincipal, State(state): State<AppState>) -> Response {
     let reason = format!("admin API ({})", admin.token_id());
-    let report = state.signatures.reload(&reason).await;
+    // In a task of its own: a client that hangs up must not cut a reload
+    // off halfway (clamd would go on loading, unwatched).
+    let signatures = state.signatures.clone();
+    let report = match tokio::spawn(async move { signatures.reload(&reason).await }).await {
+        Ok(report) => report,
+        Err(e) => {
+            tracing::error!(error = %e, "the reload task failed");
+            return super::error::ApiError::new(
+                super::error::Code::EngineError,
+                "the reload did not complete; see the log",
+            )
+            .into_response();
+        }
+    };
     let status = if report.ok {
         StatusCode::OK
     } else {

@@ -11,14 +11,13 @@
 //!
 //! Reloads (one backend at a time, waiting until each is ready again) are
 //! driven by [`crate::signatures`]; this module tells it when the managed
-//! clamd has finished one ([`ClamdEvent`]).
+//! clamd has started and finished loads ([`ClamdLog`]).
 
 pub mod database;
 pub mod updates;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,56 +79,118 @@ pub struct ManagedStatus {
     pub updates: UpdatesStatus,
 }
 
-/// What the managed clamd said about its database, from its log lines.
+/// How one database load of the managed clamd ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClamdEvent {
-    /// Nothing yet.
-    None,
-    /// A clamd process was (re)started: it loads the current database.
-    Started,
+pub enum LoadOutcome {
     /// `Activating the newly loaded database...`, after `Database
     /// correctly reloaded (N signatures)`. Only from then on do scans use
     /// the new engine, and is a new RELOAD heard: one that clamd reads
     /// between the two lines is dropped (clamd 1.4 clears its reload flag
-    /// when it activates the engine), so the next may be sent only now.
-    /// `load`: which load this was ([`ClamdLog::loads_started`]).
-    Reloaded { signatures: u64, load: u64 },
+    /// when it activates the engine).
+    Loaded { signatures: u64 },
     /// `Database reload failed, keeping the previous instance`, with the
     /// error clamd gave before it.
-    ReloadFailed(String),
+    Failed(String),
+}
+
+/// Loads counted from clamd's log. clamd runs one load at a time, so the
+/// n-th load to end is the n-th that started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadCounts {
+    /// clamd processes started: a new one loads the directory as it is.
+    pub processes: u64,
+    /// `Reading databases from` lines (stdout): loads started, by avgate's
+    /// RELOAD or anyone else's (`clamdscan --reload`, SIGUSR2). The line
+    /// comes at once after a RELOAD clamd took; a RELOAD that comes during
+    /// a load does not start another.
+    pub started: u64,
+    /// Loads that ended, either way.
+    pub ended: u64,
+}
+
+impl LoadCounts {
+    /// A load is running (one that a clamd which died left unfinished
+    /// does not count: a new process starts with none).
+    pub fn loading(&self) -> bool {
+        self.started > self.ended
+    }
 }
 
 /// What the running clamd's log lines tell, shared by the tasks that read
 /// its stdout and its stderr.
 pub struct ClamdLog {
-    events: watch::Sender<ClamdEvent>,
-    /// `Reading databases from` lines (stdout): loads started, by avgate's
-    /// RELOAD or anyone else's. The line comes at once after a RELOAD that
-    /// clamd took; a RELOAD that comes while a load runs joins that load.
-    loads: AtomicU64,
+    counts: Mutex<LoadCounts>,
+    /// How the last loads ended, by number (1 = the first to end).
+    outcomes: Mutex<std::collections::VecDeque<(u64, LoadOutcome)>>,
+    /// Bumped at every change of the counts: wakes whoever waits.
+    changed: watch::Sender<()>,
     /// The last error lines (stderr; the file it cannot load, say), for
     /// `last_exit` when it dies.
     last_problem: Mutex<Option<String>>,
 }
 
+/// Outcomes kept: far more than loads that can end while one reload waits.
+const OUTCOMES_KEPT: usize = 64;
+
 impl ClamdLog {
     fn new() -> Self {
         ClamdLog {
-            events: watch::channel(ClamdEvent::None).0,
-            loads: AtomicU64::new(0),
+            counts: Mutex::new(LoadCounts::default()),
+            outcomes: Mutex::new(std::collections::VecDeque::new()),
+            changed: watch::channel(()).0,
             last_problem: Mutex::new(None),
         }
     }
 
-    /// Events from clamd's log: subscribe before sending RELOAD, then wait
-    /// for the next change.
-    pub fn subscribe(&self) -> watch::Receiver<ClamdEvent> {
-        self.events.subscribe()
+    /// Wakes on every change of [`ClamdLog::counts`]: subscribe before
+    /// reading them.
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.changed.subscribe()
     }
 
-    /// How many loads clamd has started (see [`ClamdLog::loads`]).
-    pub fn loads_started(&self) -> u64 {
-        self.loads.load(Ordering::SeqCst)
+    pub fn counts(&self) -> LoadCounts {
+        self.counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How load number `load` ended, if it has (and is recent).
+    pub fn outcome(&self, load: u64) -> Option<LoadOutcome> {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(n, _)| *n == load)
+            .map(|(_, o)| o.clone())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut LoadCounts)) {
+        f(&mut self.counts.lock().unwrap_or_else(|e| e.into_inner()));
+        self.changed.send_replace(());
+    }
+
+    fn process_started(&self) {
+        self.update(|c| {
+            c.processes += 1;
+            c.ended = c.ended.max(c.started);
+        });
+    }
+
+    fn load_started(&self) {
+        self.update(|c| c.started += 1);
+    }
+
+    fn load_ended(&self, outcome: LoadOutcome) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.ended += 1;
+        let mut outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        outcomes.push_back((counts.ended, outcome));
+        if outcomes.len() > OUTCOMES_KEPT {
+            outcomes.pop_front();
+        }
+        drop((outcomes, counts));
+        self.changed.send_replace(());
     }
 
     fn take_problem(&self) -> Option<String> {
@@ -617,7 +678,7 @@ impl ManagedClamd {
         }
         // A new clamd loads the directory as it is (synced just before).
         self.database_loaded();
-        self.log.events.send_replace(ClamdEvent::Started);
+        self.log.process_started();
         Ok((child, forwarders))
     }
 
@@ -735,7 +796,7 @@ async fn forward_lines(pipe: impl tokio::io::AsyncRead + Unpin, log: Arc<ClamdLo
         match reload_line(line) {
             Some(ReloadLine::Loading) => {
                 loaded = None;
-                log.loads.fetch_add(1, Ordering::SeqCst);
+                log.load_started();
             }
             Some(ReloadLine::Loaded { signatures }) => loaded = Some(signatures),
             Some(ReloadLine::Activating) => {
@@ -743,15 +804,10 @@ async fn forward_lines(pipe: impl tokio::io::AsyncRead + Unpin, log: Arc<ClamdLo
                     // Errors before a reload that worked are not why it
                     // would exit later.
                     log.take_problem();
-                    let load = log.loads_started();
-                    log.events
-                        .send_replace(ClamdEvent::Reloaded { signatures, load });
+                    log.load_ended(LoadOutcome::Loaded { signatures });
                 }
             }
-            Some(ReloadLine::Failed) => {
-                log.events
-                    .send_replace(ClamdEvent::ReloadFailed(last_error.clone()));
-            }
+            Some(ReloadLine::Failed) => log.load_ended(LoadOutcome::Failed(last_error.clone())),
             None if line.contains("ERROR") => last_error = line.to_owned(),
             None => {}
         }
@@ -1271,60 +1327,49 @@ mod tests {
         assert_eq!(reload_line("SelfCheck: Database status OK."), None);
     }
 
-    /// The event a waiting reload sees comes with `Activating`, not with
-    /// `correctly reloaded` (scans still use the old engine then, and a
-    /// RELOAD sent then is lost); errors come with the failure.
+    /// A load ends with `Activating`, not with `correctly reloaded` (scans
+    /// still use the old engine then, and a RELOAD sent then is lost); a
+    /// failure ends it with the error before it; a new clamd process
+    /// leaves no load running.
     #[tokio::test]
-    async fn a_reload_is_reported_once_clamd_activates_the_new_engine() {
+    async fn loads_are_counted_from_clamds_log() {
         let log = Arc::new(ClamdLog::new());
-        let mut rx = log.subscribe();
         let (mut w, r) = tokio::io::duplex(4096);
         let forward = tokio::spawn(forward_lines(r, log.clone()));
-        async fn step(
-            w: &mut tokio::io::DuplexStream,
-            rx: &mut watch::Receiver<ClamdEvent>,
-            line: &str,
-        ) -> ClamdEvent {
+        async fn step(w: &mut tokio::io::DuplexStream, log: &ClamdLog, line: &str) -> LoadCounts {
             use tokio::io::AsyncWriteExt;
             w.write_all(format!("{line}\n").as_bytes()).await.unwrap();
             // Give the forwarder the line, then look.
             tokio::time::sleep(Duration::from_millis(50)).await;
-            rx.borrow_and_update().clone()
+            log.counts()
         }
+        let counts = |started, ended| LoadCounts {
+            processes: 0,
+            started,
+            ended,
+        };
         assert_eq!(
-            step(&mut w, &mut rx, "Reading databases from /d").await,
-            ClamdEvent::None
+            step(&mut w, &log, "Reading databases from /d").await,
+            counts(1, 0)
         );
-        assert_eq!(log.loads_started(), 1);
-        assert_eq!(
-            step(
-                &mut w,
-                &mut rx,
-                "Database correctly reloaded (3 signatures)"
-            )
-            .await,
-            ClamdEvent::None
-        );
-        assert_eq!(
-            step(&mut w, &mut rx, "Activating the newly loaded database...").await,
-            ClamdEvent::Reloaded {
-                signatures: 3,
-                load: 1
-            }
-        );
-        step(&mut w, &mut rx, "Reading databases from /d").await;
-        assert_eq!(log.loads_started(), 2);
+        assert!(log.counts().loading());
+        let loaded = "Database correctly reloaded (3 signatures)";
+        assert_eq!(step(&mut w, &log, loaded).await, counts(1, 0));
+        let activating = "Activating the newly loaded database...";
+        assert_eq!(step(&mut w, &log, activating).await, counts(1, 1));
+        assert_eq!(log.outcome(1), Some(LoadOutcome::Loaded { signatures: 3 }));
+        step(&mut w, &log, "Reading databases from /d").await;
         let error = "ERROR: reload_th: Database load failed: Malformed database";
-        step(&mut w, &mut rx, error).await;
-        assert_eq!(
-            step(
-                &mut w,
-                &mut rx,
-                "WARNING: Database reload failed, keeping the previous instance"
-            )
-            .await,
-            ClamdEvent::ReloadFailed(error.into())
-        );
+        step(&mut w, &log, error).await;
+        let failed = "WARNING: Database reload failed, keeping the previous instance";
+        assert_eq!(step(&mut w, &log, failed).await, counts(2, 2));
+        assert_eq!(log.outcome(2), Some(LoadOutcome::Failed(error.into())));
+        // A clamd that dies mid-load: the next process has none running.
+        step(&mut w, &log, "Reading databases from /d").await;
+        assert!(log.counts().loading());
+        log.process_started();
+        assert!(!log.counts().loading());
+        assert_eq!(log.counts().processes, 1);
         drop(w);
         forward.await.unwrap();
     }
