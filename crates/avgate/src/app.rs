@@ -252,6 +252,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         // Its own small limits: a scraper needs a connection or two.
         let limits = ServerLimits {
             max_connections: 16,
+            per_ip: None,
             header_timeout: config.header_timeout.0,
             idle_timeout: config.idle_timeout.0,
             shutdown_timeout: config.shutdown_timeout.0,
@@ -278,6 +279,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let app = web::router(state.clone());
         let limits = ServerLimits {
             max_connections: config.max_connections,
+            per_ip: Some(crate::http::server::PerIpLimit {
+                max: config.max_connections_per_ip,
+                exempt: Arc::new(
+                    crate::perimeter::network::parse_nets(&config.network.trusted_proxies)
+                        .unwrap_or_default(),
+                ),
+                refused: state.metrics.connections_refused.clone(),
+            }),
             header_timeout: config.header_timeout.0,
             idle_timeout: config.idle_timeout.0,
             shutdown_timeout: config.shutdown_timeout.0,

@@ -39,6 +39,10 @@ pub struct Config {
     pub max_concurrent_scans: usize,
     /// Open client connections; past this, new ones wait in the kernel.
     pub max_connections: usize,
+    /// Open connections from one client address (an IPv6 /64), so that
+    /// one client cannot take every connection; trusted proxies are not
+    /// limited.
+    pub max_connections_per_ip: usize,
     /// Threads that run avgate's own work (HTTP, TLS, hashing, talking to
     /// clamd). 0: half the CPUs, at least one (see `runtime_workers`).
     pub worker_threads: usize,
@@ -435,6 +439,7 @@ impl Default for Config {
             max_field_size: ByteSize(64 * 1024),
             max_concurrent_scans: 128,
             max_connections: 1024,
+            max_connections_per_ip: 128,
             worker_threads: 0,
             replay_buffer: ByteSize(1024 * 1024),
             header_timeout: Humantime(Duration::from_secs(10)),
@@ -644,6 +649,7 @@ impl Config {
             ("max_parts", self.max_parts == 0),
             ("max_concurrent_scans", self.max_concurrent_scans == 0),
             ("max_connections", self.max_connections == 0),
+            ("max_connections_per_ip", self.max_connections_per_ip == 0),
             (
                 "clamd.max_concurrent_per_backend",
                 self.clamd.max_concurrent_per_backend == 0,

@@ -50,6 +50,9 @@ pub struct Metrics {
     registry: Registry,
     scans: IntCounterVec,
     scanned_bytes: IntCounter,
+    /// Connections closed at once: their address had
+    /// `max_connections_per_ip` open already.
+    pub connections_refused: IntCounter,
     scan_duration: Histogram,
     scans_in_flight: IntGauge,
     requests: IntCounterVec,
@@ -213,6 +216,10 @@ impl Metrics {
             scanned_bytes: r.counter(
                 "avgate_scanned_bytes_total",
                 "Bytes of files scanned to a verdict.",
+            ),
+            connections_refused: r.counter(
+                "avgate_connections_refused_total",
+                "Connections closed as soon as accepted: their client address had max_connections_per_ip open.",
             ),
             scan_duration: r.histogram(
                 "avgate_scan_duration_seconds",

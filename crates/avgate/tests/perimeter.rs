@@ -292,6 +292,84 @@ async fn slow_and_idle_clients_are_cut_off_while_others_are_served() {
 }
 
 /// Tokens for the tests below, created in the store as the CLI does.
+/// A connection from 127.0.0.2 (loopback too): another client address
+/// than the test's HTTP client, which uses 127.0.0.1.
+async fn connect_from_127_0_0_2(gw: &Gateway) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    socket.connect(gw.addr).await.unwrap()
+}
+
+/// Sends `GET /healthz` on `s` and reads the start of the answer.
+async fn healthz_on(s: &mut TcpStream) -> String {
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: avgate\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// One client address cannot hold every connection: past
+/// `max_connections_per_ip` its new connections are closed at once, while
+/// other clients still get in (and a trusted proxy, which carries many
+/// clients, is not limited); a connection it closes makes room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_hold_every_connection() {
+    let clamd = Clamd::start("");
+    let mut cfg = config(&[clamd.address()]);
+    cfg.max_connections_per_ip = 3;
+    let gw = Gateway::start(cfg).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = connect_from_127_0_0_2(&gw).await;
+        let answer = healthz_on(&mut s).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(s);
+    }
+    // The fourth: closed before it is read.
+    let mut fourth = connect_from_127_0_0_2(&gw).await;
+    let _ = fourth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: avgate\r\n\r\n")
+        .await;
+    let (answer, closed) = read_until_closed(&mut fourth, Duration::from_secs(5)).await;
+    assert!(answer.is_empty(), "{answer}");
+    assert!(
+        closed.is_some_and(|t| t < Duration::from_secs(2)),
+        "{closed:?}"
+    );
+    let metrics = gw.metrics_text().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "avgate_connections_refused_total 1"),
+        "{metrics}"
+    );
+    // Another address meanwhile: served.
+    let r = gw.client.get(gw.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // One closed: room for the next.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = connect_from_127_0_0_2(&gw).await;
+    let answer = healthz_on(&mut again).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    gw.stop().await;
+
+    let mut cfg = config(&[clamd.address()]);
+    cfg.max_connections_per_ip = 1;
+    cfg.network.trusted_proxies = vec!["127.0.0.2/32".into()];
+    let gw = Gateway::start(cfg).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = connect_from_127_0_0_2(&gw).await;
+        let answer = healthz_on(&mut s).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        held.push(s);
+    }
+    gw.stop().await;
+}
+
 async fn token(dir: &std::path::Path, name: &str, edit: impl FnOnce(&mut TokenOptions)) -> String {
     let store = SqliteStore::open(dir).unwrap();
     let mut options = TokenOptions {

@@ -41,13 +41,97 @@ use crate::tls::TlsAcceptor;
 /// Largest request head (request line and headers) we accept.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerLimits {
     pub max_connections: usize,
+    /// Connections one client address may hold; `None`: no such limit.
+    pub per_ip: Option<PerIpLimit>,
     pub header_timeout: Duration,
     /// Longest a connection stays open with no request in progress.
     pub idle_timeout: Duration,
     pub shutdown_timeout: Duration,
+}
+
+/// At most `max` open connections per client address (an IPv6 /64, which
+/// one host can fill with addresses of its own), so that one client cannot
+/// hold every connection slot and shut the others out: it only needs to
+/// keep them busy (a request every few seconds, even refused ones), and
+/// each open connection is a slot. Its peers in `exempt` (trusted
+/// proxies, which carry many clients) are not limited. Past the limit a
+/// new connection is closed as soon as it is accepted.
+#[derive(Clone)]
+pub struct PerIpLimit {
+    pub max: usize,
+    pub exempt: Arc<Vec<ipnet::IpNet>>,
+    /// Counts the connections closed that way.
+    pub refused: prometheus::IntCounter,
+}
+
+/// Open connections per client address.
+#[derive(Default)]
+struct OpenPerIp {
+    open: Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+    /// When the last refusal was logged: one warning a minute at most.
+    warned: Mutex<Option<Instant>>,
+}
+
+/// One connection counted in [`OpenPerIp`] until dropped.
+struct PerIpSlot {
+    table: Arc<OpenPerIp>,
+    key: std::net::IpAddr,
+}
+
+impl Drop for PerIpSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl OpenPerIp {
+    /// A slot for a connection from `ip`, or `None` past `limit`;
+    /// `Some(None)`: not counted (exempt).
+    fn enter(
+        self: &Arc<Self>,
+        ip: std::net::IpAddr,
+        limit: &PerIpLimit,
+    ) -> Option<Option<PerIpSlot>> {
+        let ip = ip.to_canonical();
+        if limit.exempt.iter().any(|net| net.contains(&ip)) {
+            return Some(None);
+        }
+        let key = match ip {
+            std::net::IpAddr::V6(v6) => {
+                std::net::IpAddr::V6((u128::from(v6) & !(u128::MAX >> 64)).into())
+            }
+            v4 => v4,
+        };
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(key).or_insert(0);
+        if *n >= limit.max {
+            return None;
+        }
+        *n += 1;
+        Some(Some(PerIpSlot {
+            table: self.clone(),
+            key,
+        }))
+    }
+
+    /// Whether a refusal is to be logged now (once a minute at most).
+    fn warn_now(&self) -> bool {
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        let due = warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+        if due {
+            *warned = Some(Instant::now());
+        }
+        due
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops
@@ -74,6 +158,7 @@ pub async fn serve(
         .max_concurrent_streams(64);
     let builder = Arc::new(builder);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let per_ip = Arc::new(OpenPerIp::default());
     // Every connection task, from accept to close (TLS handshake included),
     // so that shutdown can wait for them; and the signal that asks them to
     // finish their requests and close.
@@ -103,6 +188,25 @@ pub async fn serve(
                 }
             },
         };
+        let per_ip_slot = match &limits.per_ip {
+            None => None,
+            Some(limit) => match per_ip.enter(peer.ip(), limit) {
+                Some(slot) => slot,
+                None => {
+                    limit.refused.inc();
+                    if per_ip.warn_now() {
+                        tracing::warn!(
+                            client = %peer.ip(),
+                            max_connections_per_ip = limit.max,
+                            "a client address holds max_connections_per_ip connections: new ones from it are closed at once \
+                             (avgate_connections_refused_total counts them; one warning a minute)"
+                        );
+                    }
+                    drop(stream);
+                    continue;
+                }
+            },
+        };
         let _ = stream.set_nodelay(true);
         let connection = Connection {
             builder: builder.clone(),
@@ -126,6 +230,7 @@ pub async fn serve(
                     }
                 },
             }
+            drop(per_ip_slot);
             drop(permit);
         });
     }
