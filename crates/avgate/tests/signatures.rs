@@ -691,6 +691,41 @@ async fn a_reload_that_meets_another_load_is_sent_again_and_the_new_file_is_used
     gw.stop().await;
 }
 
+/// A burst of reloads (SIGHUPs, policy changes) costs one reload after the
+/// one running, not one each: the calls that queue behind it are answered
+/// by the next, which began after them and saw their files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_reloads_is_merged() {
+    let root = short_tempdir("avg-rl3");
+    let gw = Gw::start(managed_config(root.path())).await;
+    let signatures = gw.state().signatures.clone();
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let signatures = signatures.clone();
+            tokio::spawn(async move { signatures.reload(&format!("burst {i}")).await })
+        })
+        .collect();
+    for call in calls {
+        let report = call.await.unwrap();
+        assert!(report.ok, "{report:?}");
+    }
+    let (_, ready) = gw.get("/readyz").await;
+    let reloads = ready["signatures"]["reloads"].as_u64().unwrap();
+    assert!(
+        (1..=2).contains(&reloads),
+        "{reloads} reloads for 20 calls: {ready}"
+    );
+    // One asked for after the burst is a reload of its own.
+    assert!(signatures.reload("after").await.ok);
+    let (_, ready) = gw.get("/readyz").await;
+    assert_eq!(
+        ready["signatures"]["reloads"].as_u64(),
+        Some(reloads + 1),
+        "{ready}"
+    );
+    gw.stop().await;
+}
+
 /// Lets process `pid` run 10 ms in every 500 for `how_long` (SIGSTOP,
 /// SIGCONT): a clamd on a very busy host.
 fn throttle(pid: i32, how_long: Duration) -> std::thread::JoinHandle<()> {
