@@ -198,8 +198,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             &config.data_dir,
             &crate::config::default_data_dir(),
         );
-        crate::auth::manage::bootstrap(auth.store.as_ref(), addr, config.tls.enabled(), &more)
-            .await?;
+        let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+        crate::auth::manage::bootstrap(
+            auth.store.as_ref(),
+            addr,
+            config.tls.enabled(),
+            &more,
+            journal,
+        )
+        .await?;
     } else {
         tracing::warn!(
             listen = %addr,

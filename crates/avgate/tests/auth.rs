@@ -910,6 +910,57 @@ async fn the_admin_api_creates_lists_revokes_and_reports_usage() {
 /// The real binary, as a user runs it: the first start prints a token once
 /// (on stderr), the CLI manages tokens while it runs, and neither token
 /// ever reaches the logs, whatever the clients do with them.
+/// Under systemd, stderr is the journal (`JOURNAL_STREAM` set): a first
+/// token printed there would stay readable by the journal's readers. None
+/// is made; the box says how to make one, and that command works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_first_token_is_printed_into_the_journal() {
+    let clamd = Clamd::start("");
+    let mut server = Server::builder("avg-jrn")
+        .args(["--clamd", &clamd.address()])
+        .env_remove("AVGATE_AUTH__REQUIRED")
+        .env("AVGATE_METRICS__LISTEN", "127.0.0.1:0")
+        .env("JOURNAL_STREAM", "8:4711")
+        .stderr_to_file()
+        .start();
+    server.wait_ready(Duration::from_secs(60)).await;
+    let stderr = server.stderr_text();
+    assert!(!stderr.contains("avg_"), "a token in the journal: {stderr}");
+    assert!(stderr.contains("no API token exists yet"), "{stderr}");
+    let store = SqliteStore::open(&server.data).unwrap();
+    assert_eq!(store.token_count().await.unwrap(), 0);
+    let r = server
+        .client
+        .post(server.url("/v1/scan/raw"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // The command in the box makes a token that works here.
+    let command = stderr
+        .lines()
+        .map(|l| l.trim_matches(|c: char| c == '|' || c.is_whitespace()))
+        .find(|l| l.contains(" token create --name NAME"))
+        .unwrap_or_else(|| panic!("no command: {stderr}"))
+        .replace("NAME", "ops");
+    let token = stdout_of(Command::new("sh").arg("-c").arg(&command))
+        .lines()
+        .next()
+        .unwrap()
+        .to_owned();
+    let r = server
+        .client
+        .post(server.url("/v1/scan/raw"))
+        .bearer_auth(&token)
+        .body(EICAR.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    server.terminate(Duration::from_secs(20));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
     let clamd = Clamd::start("");

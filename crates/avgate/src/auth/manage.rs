@@ -377,13 +377,32 @@ pub async fn usage(
 /// required: creates a scan token named `default` and prints it once, in a
 /// box on stderr (never through the logs), with a curl command that works.
 /// `more_tokens` is the command that makes another one ([`token_command`]).
+///
+/// Not when stderr is systemd's journal (`journal`: `JOURNAL_STREAM` is
+/// set): the token would stay there, readable by every member of the
+/// `adm` and `systemd-journal` groups, for as long as the journal keeps
+/// it. The box then says how to make one instead.
 pub async fn bootstrap(
     store: &dyn Store,
     listen: SocketAddr,
     tls: bool,
     more_tokens: &str,
+    journal: bool,
 ) -> Result<(), ManageError> {
     if store.token_count().await? > 0 {
+        return Ok(());
+    }
+    if journal {
+        eprint!(
+            "{}",
+            boxed(&[
+                "avgate: no API token exists yet, so every scan is refused (401).".to_owned(),
+                "None is made here: it would be kept in the system journal.".to_owned(),
+                "Make one (as the user avgate runs as) and keep it safe:".to_owned(),
+                String::new(),
+                format!("    {more_tokens}"),
+            ])
+        );
         return Ok(());
     }
     let spec = TokenOptions {
@@ -461,11 +480,16 @@ fn first_token_box(created: &Created, listen: SocketAddr, tls: bool, more_tokens
         String::new(),
         format!("    {more_tokens}"),
     ];
+    boxed(&lines)
+}
+
+/// Lines in a box of dashes and bars, blank lines around it.
+fn boxed(lines: &[String]) -> String {
     let width = lines.iter().map(|l| l.chars().count()).max().unwrap_or(0);
     let rule = format!("+{}+\n", "-".repeat(width + 2));
     let mut out = String::from("\n");
     out.push_str(&rule);
-    for line in &lines {
+    for line in lines {
         out.push_str(&format!("| {line:<width$} |\n"));
     }
     out.push_str(&rule);
