@@ -490,8 +490,8 @@ enum WaitError {
     /// clamd loaded the files and refused them (it keeps its previous
     /// database; reloading again would fail again until they change).
     Refused(String),
-    /// clamd did not load them (never took the RELOAD, or is still at it):
-    /// the reload is owed.
+    /// clamd did not load them (never took the RELOAD, is still at it, or
+    /// ran out of memory loading them): the reload is owed.
     NotDone(String),
 }
 
@@ -521,17 +521,27 @@ async fn wait_for_managed(
     let mut base = before.started;
     let mut sends = 1;
     let mut resend_at = Instant::now() + RELOAD_TAKEN;
-    // Another load was running after the latest RELOAD went out.
-    let mut met_another = false;
+    // Another load ran, or ended, after the latest RELOAD went out: clamd
+    // let that RELOAD join it or dropped it.
+    let mut met_another = before.loading();
+    let mut ended_at_send = before.ended;
     loop {
         let now = log.counts();
         if now.processes != before.processes {
             return Ok(None);
         }
         let ours_started = now.started > base;
+        if !ours_started && now.ended > ended_at_send {
+            met_another = true;
+        }
         if ours_started {
             match log.outcome(base + 1) {
                 Some(LoadOutcome::Loaded { signatures }) => return Ok(Some(signatures)),
+                // Out of memory (a second engine beside the first): the
+                // files may well load later. Owed.
+                Some(LoadOutcome::Failed(why)) if why.contains("allocate memory") => {
+                    return Err(WaitError::NotDone(format!("clamd: {why}")))
+                }
                 Some(LoadOutcome::Failed(why)) => {
                     return Err(WaitError::Refused(format!("clamd: {why}")))
                 }
@@ -555,6 +565,7 @@ async fn wait_for_managed(
             );
             met_another = false;
             base = now.started;
+            ended_at_send = now.ended;
             resend_at = Instant::now() + RELOAD_TAKEN;
             let sent = async {
                 let mut conn = Connection::connect(&backend.address, timeouts).await?;

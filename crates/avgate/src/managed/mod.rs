@@ -644,8 +644,8 @@ impl ManagedClamd {
         }
     }
 
-    /// Starts clamd, with tasks that forward its output to our log (they
-    /// end when it has exited and its pipes are read).
+    /// Starts clamd, with a task that forwards its output to our log (it
+    /// ends when clamd has exited and its output is read).
     fn spawn(&self) -> anyhow::Result<(Child, Vec<tokio::task::JoinHandle<()>>)> {
         let mut command = match &self.setpriv {
             Some(setpriv) => {
@@ -655,27 +655,32 @@ impl ManagedClamd {
             }
             None => Command::new(&self.executable),
         };
+        // stdout and stderr into one pipe, read by one task: clamd writes
+        // a load's start (stdout) before its failure (stderr), and loads
+        // are numbered by the order of those lines, which two pipes read
+        // by two tasks could swap.
+        let (output_w, output) = tokio::net::unix::pipe::pipe().context("cannot make a pipe")?;
+        let output_w = output_w.into_blocking_fd().context("cannot make a pipe")?;
         command
             .arg("--config-file")
             .arg(&self.config_path)
             .arg("--foreground")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::from(
+                output_w.try_clone().context("cannot make a pipe")?,
+            ))
+            .stderr(Stdio::from(output_w))
             .kill_on_drop(true);
-        let mut child = command
+        let child = command
             .spawn()
             .with_context(|| format!("cannot run {}", self.executable.display()))?;
+        // Our copies of the pipe's writing end go with the command: the
+        // reader then sees the end once clamd has exited.
+        drop(command);
         // clamd's own log lines go into ours, tagged, so one log stream
         // tells the whole story.
         self.log.take_problem();
-        let mut forwarders = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            forwarders.push(tokio::spawn(forward_lines(out, self.log.clone())));
-        }
-        if let Some(err) = child.stderr.take() {
-            forwarders.push(tokio::spawn(forward_lines(err, self.log.clone())));
-        }
+        let forwarders = vec![tokio::spawn(forward_lines(output, self.log.clone()))];
         // A new clamd loads the directory as it is (synced just before).
         self.database_loaded();
         self.log.process_started();
@@ -783,12 +788,21 @@ fn find_setpriv() -> Option<PathBuf> {
 }
 
 async fn forward_lines(pipe: impl tokio::io::AsyncRead + Unpin, log: Arc<ClamdLog>) {
-    let mut lines = BufReader::new(pipe).lines();
+    let mut reader = BufReader::new(pipe);
+    let mut buf = Vec::new();
     let mut last_error = String::new();
     // From `Database correctly reloaded (N signatures)`, for the
-    // `Activating` line that follows it (both on stdout).
+    // `Activating` line that follows it.
     let mut loaded = None;
-    while let Ok(Some(line)) = lines.next_line().await {
+    loop {
+        buf.clear();
+        // Bytes, not text: a line that is not UTF-8 (a file name) must not
+        // stop the reading, or clamd would block once the pipe is full.
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&buf);
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -1364,6 +1378,13 @@ mod tests {
         let failed = "WARNING: Database reload failed, keeping the previous instance";
         assert_eq!(step(&mut w, &log, failed).await, counts(2, 2));
         assert_eq!(log.outcome(2), Some(LoadOutcome::Failed(error.into())));
+        // A line that is not UTF-8 does not stop the reading.
+        {
+            use tokio::io::AsyncWriteExt;
+            w.write_all(b"LibClamAV Warning: \xff\xfe.ndb\n")
+                .await
+                .unwrap();
+        }
         // A clamd that dies mid-load: the next process has none running.
         step(&mut w, &log, "Reading databases from /d").await;
         assert!(log.counts().loading());
