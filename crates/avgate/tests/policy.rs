@@ -147,6 +147,20 @@ async fn scan_until(gw: &Gateway, data: &[u8], what: &str, done: impl Fn(&Value)
     }
 }
 
+/// Scans `data` until it is OK; meanwhile only `503 policy_pending`.
+async fn ok_past_pending(gw: &Gateway, data: &[u8]) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let answer = gw.scan("f.bin", data.to_vec()).await;
+        if answer.0 == 200 && answer.1["status"] == "OK" {
+            return;
+        }
+        assert_error(&answer, 503, "policy_pending");
+        assert!(Instant::now() < deadline, "still pending: {}", answer.1);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn db_file(dir: &Path, name: &str) -> PathBuf {
     dir.join("clamd/db").join(name)
 }
@@ -269,6 +283,26 @@ async fn allow_and_block_by_sha256_change_verdicts_at_once_and_expire() {
     assert_eq!(blocked["policy"]["id"], block["id"]);
     assert_eq!(blocked["policy"]["reason"], "seen in incident 7");
     assert_eq!(blocked["policy"]["applied"], true);
+    // Inside an archive too, once clamd has loaded the blocked hash.
+    wait_applied(&gw, &token).await;
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("report.pdf"), &clean).unwrap();
+    let status = Command::new("zip")
+        .args(["-q", "-j"])
+        .arg(work.path().join("report.zip"))
+        .arg(work.path().join("report.pdf"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let zipped = std::fs::read(work.path().join("report.zip")).unwrap();
+    let (_, in_zip) = gw.scan("report.zip", zipped).await;
+    assert_eq!(in_zip["status"], "FOUND", "{in_zip}");
+    assert_eq!(in_zip["verdict"], "infected", "{in_zip}");
+    let expected = format!(
+        "avgate.Blocklist.{}.UNOFFICIAL",
+        block["id"].as_str().unwrap()
+    );
+    assert_eq!(in_zip["signature"], expected.as_str(), "{in_zip}");
 
     // Allow: a detected file is OK from the next scan on, with the finding
     // it overrode (clamd has not loaded the .sfp yet).
@@ -335,10 +369,11 @@ async fn allow_and_block_by_sha256_change_verdicts_at_once_and_expire() {
         assert!(Instant::now() < deadline, "still pending: {}", answer.1);
     }
 
-    // Removing the block entry: OK again at once.
+    // Removing the block entry: clamd reports the hash until it has
+    // reloaded (also for the file as uploaded), and such an answer is no
+    // verdict either: 503 policy_pending, then OK; never a FOUND meanwhile.
     remove(&gw, &token, block["id"].as_str().unwrap()).await;
-    let (_, ok) = gw.scan("report.pdf", clean.clone()).await;
-    assert_eq!(ok["status"], "OK", "{ok}");
+    ok_past_pending(&gw, &clean).await;
 
     // Expiry: a block entry stops applying once it expires.
     let other = random_bytes(10_000, 42);
@@ -350,10 +385,22 @@ async fn allow_and_block_by_sha256_change_verdicts_at_once_and_expire() {
     .await;
     let (_, blocked) = gw.scan("x.bin", other.clone()).await;
     assert_eq!(blocked["signature"], "avgate.Blocklist", "{blocked}");
-    scan_until(&gw, &other, "the block entry to expire", |b| {
-        b["status"] == "OK"
-    })
-    .await;
+    wait_applied(&gw, &token).await;
+    // Expired: after the scan at once; clamd once it has reloaded.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, body) = gw.scan("x.bin", other.clone()).await;
+        if status == 200 && body["status"] == "OK" {
+            break;
+        }
+        assert!(
+            (status == 200 && body["signature"] == "avgate.Blocklist")
+                || (status == 503 && body["error"]["code"] == "policy_pending"),
+            "{status}: {body}"
+        );
+        assert!(Instant::now() < deadline, "still blocked: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // And an ignore entry: once it expires, clamd loads the signature again.
     let ignore = add(

@@ -8,6 +8,11 @@
 //! - `avgate-policy.sfp`: the allowed sha256s, `sha256:*:name:73` (`*`:
 //!   any size, which needs functionality level 73). clamd then reports an
 //!   allowed file as clean, also inside an archive.
+//! - `avgate-policy-block.hsb`: the blocked sha256s,
+//!   `sha256:*:avgate.Blocklist.<id>:73`, so that clamd also finds a
+//!   blocked file inside an archive (the check after the scan sees only
+//!   the file as uploaded). Dated 1970 like the probe's file: it must not
+//!   make the database look fresh.
 //! - `avgate-probe.hsb`: the EICAR test file under avgate's own name,
 //!   while any signature is ignored. avgate's readiness probe scans EICAR
 //!   and wants FOUND; an ignored EICAR signature would take every backend
@@ -29,6 +34,7 @@ use crate::managed::ManagedClamd;
 
 pub const IGNORE_FILE: &str = "avgate-policy.ign2";
 pub const ALLOW_FILE: &str = "avgate-policy.sfp";
+pub const BLOCK_FILE: &str = "avgate-policy-block.hsb";
 pub const PROBE_FILE: &str = "avgate-probe.hsb";
 /// The name the readiness-probe signature is reported with (plus
 /// `.UNOFFICIAL`).
@@ -39,6 +45,7 @@ pub const PROBE_SIGNATURE: &str = "avgate.ReadinessProbe";
 pub struct Files {
     pub ignore: Option<String>,
     pub allow: Option<String>,
+    pub block: Option<String>,
     pub probe: Option<String>,
 }
 
@@ -60,7 +67,16 @@ impl Files {
             .filter(|r| r.value != eicar)
             .map(|r| format!("{}:*:avgate.Allow.{}:73\n", r.value, r.id))
             .collect();
+        // EICAR's stays out too: the probe's answer must stay clamd's own
+        // (blocking it works after the scan all the same).
+        let block: String = snapshot
+            .entries(Kind::Block, now)
+            .iter()
+            .filter(|r| r.value != eicar)
+            .map(|r| format!("{}:*:{}.{}:73\n", r.value, super::BLOCKLIST_SIGNATURE, r.id))
+            .collect();
         Files {
+            block: Some(block).filter(|s| !s.is_empty()),
             probe: (!ignore.is_empty())
                 .then(|| format!("{eicar}:{}:{PROBE_SIGNATURE}\n", clamd::EICAR.len())),
             ignore: Some(ignore).filter(|s| !s.is_empty()),
@@ -128,6 +144,10 @@ pub fn write(dir: &dyn Directory, files: &Files) -> anyhow::Result<()> {
         put(PROBE_FILE, &files.probe)?;
         age_out(&dir.path().join(PROBE_FILE));
     }
+    put(BLOCK_FILE, &files.block)?;
+    if files.block.is_some() {
+        age_out(&dir.path().join(BLOCK_FILE));
+    }
     put(ALLOW_FILE, &files.allow)?;
     put(IGNORE_FILE, &files.ignore)?;
     if files.probe.is_none() {
@@ -187,6 +207,7 @@ mod tests {
             PolicyRecord::for_test("pol_c", Kind::Allow, &sha, None),
             PolicyRecord::for_test("pol_e", Kind::Allow, &eicar, None),
             PolicyRecord::for_test("pol_d", Kind::Block, &"cd".repeat(32), None),
+            PolicyRecord::for_test("pol_f", Kind::Block, &eicar, None),
         ];
         let s = Snapshot::build(&records, 1, 10, ClamdMode::Managed, false);
         let files = Files::render(&s, 10);
@@ -198,6 +219,10 @@ mod tests {
         assert_eq!(
             files.probe.as_deref(),
             Some(format!("{eicar}:68:avgate.ReadinessProbe\n").as_str())
+        );
+        assert_eq!(
+            files.block.as_deref(),
+            Some(format!("{}:*:avgate.Blocklist.pol_d:73\n", "cd".repeat(32)).as_str())
         );
         assert_eq!((files.ignored_count(), files.allowed_count()), (2, 1));
 
@@ -212,12 +237,18 @@ mod tests {
             v.sort();
             v
         };
-        assert_eq!(names(dir.path()), [IGNORE_FILE, ALLOW_FILE, PROBE_FILE]);
-        let probe_time = std::fs::metadata(dir.path().join(PROBE_FILE))
-            .unwrap()
-            .modified()
-            .unwrap();
-        assert!(probe_time < UNIX_EPOCH + Duration::from_secs(60));
+        assert_eq!(
+            names(dir.path()),
+            [BLOCK_FILE, IGNORE_FILE, ALLOW_FILE, PROBE_FILE]
+        );
+        // Signature files of avgate's own never date the database.
+        for file in [PROBE_FILE, BLOCK_FILE] {
+            let time = std::fs::metadata(dir.path().join(file))
+                .unwrap()
+                .modified()
+                .unwrap();
+            assert!(time < UNIX_EPOCH + Duration::from_secs(60), "{file}");
+        }
 
         // Nothing in force: nothing written, and the files go away.
         let none = Files::render(&Snapshot::build(&[], 2, 10, ClamdMode::Managed, false), 10);

@@ -383,6 +383,21 @@ impl Snapshot {
         Snapshot::live(&self.block, sha256, now)
     }
 
+    /// Whether `reported` is clamd's name for a block entry that is no
+    /// longer in force (`avgate.Blocklist.<id>`, from the managed clamd's
+    /// `.hsb`, removed or expired): clamd loaded it before the change and
+    /// reports it until it reloads. Such a finding is no verdict.
+    pub fn withdrawn_block(&self, reported: &str, now: i64) -> bool {
+        let Some(id) = reported
+            .strip_prefix(BLOCKLIST_SIGNATURE)
+            .and_then(|rest| rest.strip_prefix('.'))
+        else {
+            return false;
+        };
+        let id = id.strip_suffix(".UNOFFICIAL").unwrap_or(id);
+        !self.entries(Kind::Block, now).iter().any(|r| r.id == id)
+    }
+
     pub fn allowed(&self, sha256: &str, now: i64) -> Option<&PolicyRecord> {
         Snapshot::live(&self.allow, sha256, now)
     }

@@ -133,10 +133,22 @@ where
         reports.push(scan.finish().await?);
     }
     let sha256 = hex::encode(hasher.finalize());
-    let verdict = verdict::decide_with_policy(&reports, &sha256, &policy.snapshot());
+    let snapshot = policy.snapshot();
+    let verdict = verdict::decide_with_policy(&reports, &sha256, &snapshot);
     if verdict.status == verdict::Status::OK
         && verdict.policy.is_none()
         && (clamd_allowed.is_some_and(|a| a.contains(&sha256)) || policy.clamd_may_allow(&sha256))
+    {
+        return Err(PipelineError::PolicyPending);
+    }
+    // A block clamd still knows (inside an archive) that was removed: the
+    // same, the other way round; after clamd's reload the file is judged
+    // on its own again.
+    if verdict.policy.is_none()
+        && verdict
+            .signature
+            .as_deref()
+            .is_some_and(|s| snapshot.withdrawn_block(s, crate::store::clock::now()))
     {
         return Err(PipelineError::PolicyPending);
     }
