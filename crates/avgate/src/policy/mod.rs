@@ -230,11 +230,16 @@ pub fn signature_name(raw: &str) -> Result<String, String> {
             "a signature name has 1 to {MAX_NAME_LEN} characters"
         ));
     }
-    if !name.bytes().all(|b| {
-        b.is_ascii_graphic() && !matches!(b, b':' | b';' | b'/' | b'\\' | b'*' | b'"' | b'\'')
-    }) {
+    // `#` first would make the line a comment in clamd's .ign2: listed as
+    // ignored, it would hide nothing.
+    if name.starts_with('#')
+        || !name.bytes().all(|b| {
+            b.is_ascii_graphic() && !matches!(b, b':' | b';' | b'/' | b'\\' | b'*' | b'"' | b'\'')
+        })
+    {
         return Err(format!(
-            "{name:?} is not a signature name (letters, digits and . - _ + as clamd reports them)"
+            "{name:?} is not a signature name as clamd reports them (printable ASCII without \
+             spaces or : ; / \\ * \" ', not starting with #)"
         ));
     }
     if crate::scan::verdict::is_unscannable(name) || name.starts_with("avgate.") {
@@ -264,6 +269,15 @@ fn text(what: &str, raw: &str, max: usize) -> Result<String, String> {
     }
     if s.chars().any(char::is_control) {
         return Err(format!("{what}: no control characters (newlines, tabs)"));
+    }
+    // Shown in listings and the audit trail: nothing that reorders or
+    // hides text there (bidi overrides, zero-width characters).
+    if s.chars()
+        .any(crate::scan::filename::is_invisible_formatting)
+    {
+        return Err(format!(
+            "{what}: no invisible formatting characters (bidi controls, zero-width characters)"
+        ));
     }
     Ok(s.to_owned())
 }
@@ -497,6 +511,8 @@ mod tests {
             ("ignore", "a:b"),
             ("ignore", "two words"),
             ("ignore", "line\nbreak"),
+            // A comment line in .ign2: it would hide nothing.
+            ("ignore", "#Win.Test.Foo-1"),
             ("ignore", "Heuristics.Limits.Exceeded.MaxFileSize"),
             ("ignore", "Heuristics.Encrypted.Zip"),
             ("ignore", "avgate.Blocklist"),
@@ -514,6 +530,9 @@ mod tests {
         o.reason = "  ".into();
         assert!(o.validate(0).is_err());
         o.reason = "why\nnot".into();
+        assert!(o.validate(0).is_err());
+        // Text that reads backwards in a listing or the audit trail.
+        o.reason = "FP \u{202E}gnp.exe".into();
         assert!(o.validate(0).is_err());
         o.reason = "FP, vendor ticket 7".into();
         o.expires = Some("30d".into());

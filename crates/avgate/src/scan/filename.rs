@@ -46,7 +46,7 @@ const MAX_EXTENSION: usize = 16;
 /// zero-width characters, the soft hyphen, tag characters, the BOM), the
 /// line and paragraph separators (Zl, Zp), and the blank Hangul fillers
 /// and variation selectors used to pad names invisibly.
-fn is_invisible_formatting(c: char) -> bool {
+pub(crate) fn is_invisible_formatting(c: char) -> bool {
     matches!(c,
         '\u{00AD}'                   // soft hyphen
         | '\u{034F}'                 // combining grapheme joiner
