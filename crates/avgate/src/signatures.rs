@@ -349,11 +349,7 @@ impl Signatures {
             changes.borrow_and_update();
             (changes, m.log().counts())
         });
-        let result = async {
-            let mut conn = Connection::connect(&backend.address, timeouts).await?;
-            conn.reload().await
-        }
-        .await;
+        let result = send_reload(backend, timeouts).await;
         let mut outcome = "reloaded";
         let mut detail = None;
         if let Err(e) = result {
@@ -485,6 +481,12 @@ impl StaleWarnings {
     }
 }
 
+/// `RELOAD` on a connection of its own (clamd answers `RELOADING`).
+async fn send_reload(backend: &Backend, timeouts: Timeouts) -> Result<(), clamd::Error> {
+    let mut conn = Connection::connect(&backend.address, timeouts).await?;
+    conn.reload().await
+}
+
 /// Why a managed reload did not end with the new database in use.
 enum WaitError {
     /// clamd loaded the files and refused them (it keeps its previous
@@ -567,12 +569,7 @@ async fn wait_for_managed(
             base = now.started;
             ended_at_send = now.ended;
             resend_at = Instant::now() + RELOAD_TAKEN;
-            let sent = async {
-                let mut conn = Connection::connect(&backend.address, timeouts).await?;
-                conn.reload().await
-            }
-            .await;
-            if let Err(e) = sent {
+            if let Err(e) = send_reload(backend, timeouts).await {
                 return Err(WaitError::NotDone(format!("RELOAD: {e}")));
             }
             continue;

@@ -310,6 +310,15 @@ async fn healthz_on(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// A connection from 127.0.0.2 that is served (`/healthz` answered), kept
+/// open.
+async fn served_from_127_0_0_2(gw: &Gateway) -> TcpStream {
+    let mut s = connect_from_127_0_0_2(gw).await;
+    let answer = healthz_on(&mut s).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    s
+}
+
 /// One client address cannot hold every connection: past
 /// `max_connections_per_ip` its new connections are closed at once, while
 /// other clients still get in (and a trusted proxy, which carries many
@@ -322,10 +331,7 @@ async fn one_address_cannot_hold_every_connection() {
     let gw = Gateway::start(cfg).await;
     let mut held = Vec::new();
     for _ in 0..3 {
-        let mut s = connect_from_127_0_0_2(&gw).await;
-        let answer = healthz_on(&mut s).await;
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        held.push(s);
+        held.push(served_from_127_0_0_2(&gw).await);
     }
     // The fourth: closed before it is read.
     let mut fourth = connect_from_127_0_0_2(&gw).await;
@@ -351,9 +357,7 @@ async fn one_address_cannot_hold_every_connection() {
     // One closed: room for the next.
     drop(held.pop());
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut again = connect_from_127_0_0_2(&gw).await;
-    let answer = healthz_on(&mut again).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let _again = served_from_127_0_0_2(&gw).await;
     gw.stop().await;
 
     let mut cfg = config(&[clamd.address()]);
@@ -362,10 +366,7 @@ async fn one_address_cannot_hold_every_connection() {
     let gw = Gateway::start(cfg).await;
     let mut held = Vec::new();
     for _ in 0..4 {
-        let mut s = connect_from_127_0_0_2(&gw).await;
-        let answer = healthz_on(&mut s).await;
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        held.push(s);
+        held.push(served_from_127_0_0_2(&gw).await);
     }
     gw.stop().await;
 }

@@ -514,6 +514,21 @@ async fn managed_database_age_and_kind_follow_what_clamd_loaded() {
     gw.stop().await;
 }
 
+/// `count` hash signatures of random data in `db/bulk.hsb`, so that a load
+/// of the database takes clamd a second or more.
+fn write_bulk_signatures(db: &Path, count: u64, seed: u64) {
+    std::fs::create_dir_all(db).unwrap();
+    let mut bulk = String::with_capacity(count as usize * 90);
+    for i in 0..count {
+        bulk.push_str(&format!(
+            "{}:{}:Avgate.Bulk-{i}\n",
+            hex::encode(random_bytes(32, 2 * i + seed)),
+            100 + i % 5_000
+        ));
+    }
+    std::fs::write(db.join("bulk.hsb"), bulk).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_request_fails_across_a_managed_reload_and_the_new_signature_is_found() {
     let root = short_tempdir("avg-rld");
@@ -521,16 +536,7 @@ async fn no_request_fails_across_a_managed_reload_and_the_new_signature_is_found
     // Half a million hash signatures: clamd needs a second or more to load
     // them, so the reload below takes long enough to overlap many scans.
     let db = root.path().join("data/clamd/db");
-    std::fs::create_dir_all(&db).unwrap();
-    let mut bulk = String::with_capacity(500_000 * 90);
-    for i in 0..500_000u64 {
-        bulk.push_str(&format!(
-            "{}:{}:Avgate.Bulk-{i}\n",
-            hex::encode(random_bytes(32, 2 * i + 1)),
-            100 + i % 5_000
-        ));
-    }
-    std::fs::write(db.join("bulk.hsb"), bulk).unwrap();
+    write_bulk_signatures(&db, 500_000, 1);
     let gw = Gw::start(cfg).await;
 
     let pattern = b"avgate reload test pattern 7f3a";
@@ -611,16 +617,7 @@ async fn a_reload_that_meets_another_load_is_sent_again_and_the_new_file_is_used
     let cfg = managed_config(root.path());
     // Enough signatures that a load takes a second or more.
     let db = root.path().join("data/clamd/db");
-    std::fs::create_dir_all(&db).unwrap();
-    let mut bulk = String::with_capacity(400_000 * 90);
-    for i in 0..400_000u64 {
-        bulk.push_str(&format!(
-            "{}:{}:Avgate.Bulk-{i}\n",
-            hex::encode(random_bytes(32, 2 * i + 7)),
-            100 + i % 5_000
-        ));
-    }
-    std::fs::write(db.join("bulk.hsb"), bulk).unwrap();
+    write_bulk_signatures(&db, 400_000, 7);
     let gw = Gw::start(cfg).await;
     let managed = gw.state().managed.clone().unwrap();
     let pattern = b"avgate second reload pattern 51c9";

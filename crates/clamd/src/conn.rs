@@ -402,14 +402,7 @@ impl Session {
             // then fails while its reply is readable (as for a stream,
             // [`Instream::send`]). The session is over either way.
             return Err(match self.reply_within(Duration::from_secs(1)).await {
-                Ok(reply) => match ScanReply::parse(reply.as_bytes()) {
-                    // An OK would cover only what clamd read.
-                    Ok(ScanReply::Clean) => Error::Protocol(proto::ParseError::Unexpected(
-                        format!("{reply} before the stream ended"),
-                    )),
-                    Ok(reply) => Error::EarlyReply(reply),
-                    Err(parse) => Error::Protocol(parse),
-                },
+                Ok(reply) => early_reply(reply.as_bytes()),
                 Err(_) => e,
             });
         }
@@ -486,18 +479,23 @@ impl Instream {
         // A short wait: either the reply is already in our receive buffer,
         // or the connection is simply gone.
         match self.conn.read_reply(Duration::from_secs(1)).await {
-            // clamd hung up before it had the whole stream: an OK covers
-            // only what it read. A detection or an error stands as it is.
-            Ok(reply) => match ScanReply::parse(&reply) {
-                Ok(ScanReply::Clean) => Error::Protocol(proto::ParseError::Unexpected(format!(
-                    "{} before the stream ended",
-                    String::from_utf8_lossy(&reply)
-                ))),
-                Ok(reply) => Error::EarlyReply(reply),
-                Err(e) => Error::Protocol(e),
-            },
+            Ok(reply) => early_reply(&reply),
             Err(_) => original,
         }
+    }
+}
+
+/// A reply clamd sent before it had the whole stream (it hung up, past
+/// StreamMaxLength say), as the error it is: an OK covers only what clamd
+/// read, so it is no verdict; a detection or an error stands as it is.
+fn early_reply(reply: &[u8]) -> Error {
+    match ScanReply::parse(reply) {
+        Ok(ScanReply::Clean) => Error::Protocol(proto::ParseError::Unexpected(format!(
+            "{} before the stream ended",
+            String::from_utf8_lossy(reply)
+        ))),
+        Ok(reply) => Error::EarlyReply(reply),
+        Err(e) => Error::Protocol(e),
     }
 }
 

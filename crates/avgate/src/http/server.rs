@@ -101,16 +101,10 @@ impl OpenPerIp {
         ip: std::net::IpAddr,
         limit: &PerIpLimit,
     ) -> Option<Option<PerIpSlot>> {
-        let ip = ip.to_canonical();
-        if limit.exempt.iter().any(|net| net.contains(&ip)) {
+        if crate::perimeter::network::contains(&limit.exempt, ip) {
             return Some(None);
         }
-        let key = match ip {
-            std::net::IpAddr::V6(v6) => {
-                std::net::IpAddr::V6((u128::from(v6) & !(u128::MAX >> 64)).into())
-            }
-            v4 => v4,
-        };
+        let key = crate::perimeter::rate_key(ip);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let n = open.entry(key).or_insert(0);
         if *n >= limit.max {

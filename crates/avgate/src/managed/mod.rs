@@ -99,7 +99,7 @@ pub enum LoadOutcome {
 pub struct LoadCounts {
     /// clamd processes started: a new one loads the directory as it is.
     pub processes: u64,
-    /// `Reading databases from` lines (stdout): loads started, by avgate's
+    /// `Reading databases from` lines: loads started, by avgate's
     /// RELOAD or anyone else's (`clamdscan --reload`, SIGUSR2). The line
     /// comes at once after a RELOAD clamd took; a RELOAD that comes during
     /// a load does not start another.
@@ -116,15 +116,15 @@ impl LoadCounts {
     }
 }
 
-/// What the running clamd's log lines tell, shared by the tasks that read
-/// its stdout and its stderr.
+/// What the running clamd's log lines tell (its stdout and stderr, read in
+/// order from one pipe), for the supervisor and for reloads.
 pub struct ClamdLog {
     counts: Mutex<LoadCounts>,
     /// How the last loads ended, by number (1 = the first to end).
     outcomes: Mutex<std::collections::VecDeque<(u64, LoadOutcome)>>,
     /// Bumped at every change of the counts: wakes whoever waits.
     changed: watch::Sender<()>,
-    /// The last error lines (stderr; the file it cannot load, say), for
+    /// The last error lines (the file it cannot load, say), for
     /// `last_exit` when it dies.
     last_problem: Mutex<Option<String>>,
 }
@@ -538,7 +538,7 @@ impl ManagedClamd {
             // (A failure is logged; clamd starts with the directory as it is.)
             let _ = self.resync().await;
             let started = Instant::now();
-            let (mut child, forwarders) = match self.spawn() {
+            let (mut child, forwarder) = match self.spawn() {
                 Ok(spawned) => spawned,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start clamd");
@@ -577,11 +577,7 @@ impl ManagedClamd {
                     };
                     // What clamd said last is usually why (a signature
                     // file it cannot load): its last lines first.
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        futures_util::future::join_all(forwarders),
-                    )
-                    .await;
+                    let _ = tokio::time::timeout(Duration::from_secs(1), forwarder).await;
                     let problem = self.log.take_problem();
                     if let Some(problem) = problem {
                         why = format!("{why}; its last errors: {problem}");
@@ -646,7 +642,7 @@ impl ManagedClamd {
 
     /// Starts clamd, with a task that forwards its output to our log (it
     /// ends when clamd has exited and its output is read).
-    fn spawn(&self) -> anyhow::Result<(Child, Vec<tokio::task::JoinHandle<()>>)> {
+    fn spawn(&self) -> anyhow::Result<(Child, tokio::task::JoinHandle<()>)> {
         let mut command = match &self.setpriv {
             Some(setpriv) => {
                 let mut c = Command::new(setpriv);
@@ -680,11 +676,11 @@ impl ManagedClamd {
         // clamd's own log lines go into ours, tagged, so one log stream
         // tells the whole story.
         self.log.take_problem();
-        let forwarders = vec![tokio::spawn(forward_lines(output, self.log.clone()))];
+        let forwarder = tokio::spawn(forward_lines(output, self.log.clone()));
         // A new clamd loads the directory as it is (synced just before).
         self.database_loaded();
         self.log.process_started();
-        Ok((child, forwarders))
+        Ok((child, forwarder))
     }
 
     /// A clamd left over from an avgate that was killed (SIGKILL leaves

@@ -138,12 +138,13 @@ fn client_ip_of(parts: &axum::http::request::Parts) -> IpAddr {
         .unwrap_or(IpAddr::from([127, 0, 0, 1]))
 }
 
-/// Whose buckets a client address uses: the address itself, or for IPv6
-/// its /64. One IPv6 host is usually given a whole /64 (SLAAC, privacy
-/// addresses) and can pick any address in it, so per-address buckets would
-/// let a single client step around every per-address limit.
-fn rate_key(ip: IpAddr) -> IpAddr {
-    match ip {
+/// Whose buckets (and connection count, `max_connections_per_ip`) a client
+/// address uses: the address itself, or for IPv6 its /64. One IPv6 host is
+/// usually given a whole /64 (SLAAC, privacy addresses) and can pick any
+/// address in it, so per-address buckets would let a single client step
+/// around every per-address limit. An IPv4-mapped address is its IPv4 one.
+pub(crate) fn rate_key(ip: IpAddr) -> IpAddr {
+    match network::canonical(ip) {
         IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !(u128::MAX >> 64)).into()),
         v4 => v4,
     }

@@ -69,7 +69,7 @@ pub fn contains(nets: &[IpNet], ip: IpAddr) -> bool {
 
 /// IPv4-mapped IPv6 (`::ffff:192.0.2.1`, what a dual-stack socket reports)
 /// is treated as the IPv4 address it is.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()

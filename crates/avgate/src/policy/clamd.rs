@@ -58,23 +58,20 @@ impl Files {
     pub fn render(snapshot: &Snapshot, now: i64) -> Files {
         let ignores = snapshot.entries(Kind::Ignore, now);
         let ignore: String = ignores.iter().map(|r| format!("{}\n", r.value)).collect();
-        // EICAR's own hash stays out of the .sfp (it would hide the probe);
-        // the check after the scan allows that file all the same.
+        // EICAR's own hash stays out of both: allowed, it would hide the
+        // probe; blocked, it would change the probe's answer. The check
+        // after the scan allows or blocks that file all the same.
         let eicar = eicar_sha256();
-        let allow: String = snapshot
-            .entries(Kind::Allow, now)
-            .iter()
-            .filter(|r| r.value != eicar)
-            .map(|r| format!("{}:*:avgate.Allow.{}:73\n", r.value, r.id))
-            .collect();
-        // EICAR's stays out too: the probe's answer must stay clamd's own
-        // (blocking it works after the scan all the same).
-        let block: String = snapshot
-            .entries(Kind::Block, now)
-            .iter()
-            .filter(|r| r.value != eicar)
-            .map(|r| format!("{}:*:{}.{}:73\n", r.value, super::BLOCKLIST_SIGNATURE, r.id))
-            .collect();
+        let hash_lines = |kind: Kind, name: &str| -> String {
+            snapshot
+                .entries(kind, now)
+                .iter()
+                .filter(|r| r.value != eicar)
+                .map(|r| format!("{}:*:{name}.{}:73\n", r.value, r.id))
+                .collect()
+        };
+        let allow = hash_lines(Kind::Allow, "avgate.Allow");
+        let block = hash_lines(Kind::Block, super::BLOCKLIST_SIGNATURE);
         Files {
             block: Some(block).filter(|s| !s.is_empty()),
             probe: (!ignore.is_empty())

@@ -408,7 +408,7 @@ impl Snapshot {
         else {
             return false;
         };
-        let id = id.strip_suffix(".UNOFFICIAL").unwrap_or(id);
+        let id = id.strip_suffix(UNOFFICIAL).unwrap_or(id);
         !self.entries(Kind::Block, now).iter().any(|r| r.id == id)
     }
 

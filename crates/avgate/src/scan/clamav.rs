@@ -218,16 +218,7 @@ impl ClamavScan {
                     self.stream = None;
                     return Ok(());
                 }
-                Some(e) if e.is_timeout() => {
-                    // Stuck, not gone (as in `feed`): out of rotation, but
-                    // no replay on the next backend, and the client is
-                    // told it timed out.
-                    if let Some(lease) = &self.lease {
-                        lease.backend().mark_down(&e);
-                    }
-                    self.stream = None;
-                    return Err(engine_error(e));
-                }
+                Some(e) if e.is_timeout() => return Err(self.stalled(e)),
                 Some(e) => {
                     if let Some(lease) = self.lease.take() {
                         lease.backend().mark_down(&e);
@@ -459,6 +450,18 @@ impl ClamavScan {
         }
     }
 
+    /// A deadline passed on the current backend (a write, the verdict): a
+    /// clamd that stopped reading or answering is stuck, not gone, and it
+    /// may be the file that stalls it. Out of rotation, but no replay on
+    /// another backend: the client is told it timed out.
+    fn stalled(&mut self, e: clamd::Error) -> EngineError {
+        if let Some(lease) = &self.lease {
+            lease.backend().mark_down(&e);
+        }
+        self.stream = None;
+        engine_error(e)
+    }
+
     /// After a backend failed: mark it down and, if every byte received so
     /// far is still held, send them again to another backend.
     async fn fail_over(&mut self, error: clamd::Error) -> Result<(), EngineError> {
@@ -634,14 +637,7 @@ impl EngineScan for ClamavScan {
                 self.stream = None;
                 Ok(())
             }
-            Err(e) if e.is_timeout() => {
-                // A clamd that stopped reading is stuck, not dead: no replay
-                // (it may be the file), but keep it out of rotation.
-                if let Some(lease) = &self.lease {
-                    lease.backend().mark_down(&e);
-                }
-                Err(engine_error(e))
-            }
+            Err(e) if e.is_timeout() => Err(self.stalled(e)),
             Err(e) => self.fail_over(e).await,
         }
     }
@@ -684,12 +680,7 @@ impl EngineScan for ClamavScan {
                 .ok_or_else(|| EngineError::Failed("no stream".into()))?;
             match stream.finish().await {
                 Ok(reply) | Err(clamd::Error::EarlyReply(reply)) => self.early = Some(reply),
-                Err(e) if e.is_timeout() => {
-                    if let Some(lease) = &self.lease {
-                        lease.backend().mark_down(&e);
-                    }
-                    return Err(engine_error(e));
-                }
+                Err(e) if e.is_timeout() => return Err(self.stalled(e)),
                 Err(e @ clamd::Error::Protocol(_)) => return Err(engine_error(e)),
                 Err(e) => {
                     self.moving_after_whole_file(&e)?;
