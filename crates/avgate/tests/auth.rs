@@ -910,6 +910,17 @@ async fn the_admin_api_creates_lists_revokes_and_reports_usage() {
 /// The real binary, as a user runs it: the first start prints a token once
 /// (on stderr), the CLI manages tokens while it runs, and neither token
 /// ever reaches the logs, whatever the clients do with them.
+/// The `token create` command of the box avgate prints on stderr, as a
+/// user would paste it, for a token named `name`.
+fn box_command(stderr: &str, name: &str) -> String {
+    stderr
+        .lines()
+        .map(|l| l.trim_matches(|c: char| c == '|' || c.is_whitespace()))
+        .find(|l| l.contains(" token create --name NAME"))
+        .unwrap_or_else(|| panic!("no token create command in the box: {stderr}"))
+        .replace("NAME", name)
+}
+
 /// Under systemd, stderr is the journal (`JOURNAL_STREAM` set): a first
 /// token printed there would stay readable by the journal's readers. None
 /// is made; the box says how to make one, and that command works.
@@ -938,12 +949,7 @@ async fn no_first_token_is_printed_into_the_journal() {
         .unwrap();
     assert_eq!(r.status(), 401);
     // The command in the box makes a token that works here.
-    let command = stderr
-        .lines()
-        .map(|l| l.trim_matches(|c: char| c == '|' || c.is_whitespace()))
-        .find(|l| l.contains(" token create --name NAME"))
-        .unwrap_or_else(|| panic!("no command: {stderr}"))
-        .replace("NAME", "ops");
+    let command = box_command(&stderr, "ops");
     let token = stdout_of(Command::new("sh").arg("-c").arg(&command))
         .lines()
         .next()
@@ -989,12 +995,7 @@ async fn the_binary_prints_a_first_token_once_and_never_logs_a_token() {
     );
     // The box's command for more tokens works as pasted: it names this
     // server's store (not the default one), so its token works here.
-    let more = stderr
-        .lines()
-        .map(|l| l.trim_matches(|c: char| c == '|' || c.is_whitespace()))
-        .find(|l| l.contains(" token create --name NAME"))
-        .unwrap_or_else(|| panic!("no command for more tokens: {stderr}"))
-        .replace("NAME", "pasted");
+    let more = box_command(&stderr, "pasted");
     assert!(
         more.contains(&format!("--data-dir {}", data.display())),
         "{more}"
