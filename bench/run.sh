@@ -48,6 +48,10 @@ export AVGATE_LOG=${AVGATE_LOG:-info}
 # Errors from the load generator are explained in its message; no backtrace.
 export RUST_LIB_BACKTRACE=0
 
+# On a fresh machine, install clamd the way the README's commands do.
+if [ ! -x "$CLAMD" ] && [ "$CLAMD" = /usr/sbin/clamd ]; then
+    scripts/setup.sh run
+fi
 [ -x "$CLAMD" ] || { echo "bench: $CLAMD not found (apt-get install clamav-daemon)" >&2; exit 1; }
 
 echo "== building (release)"

@@ -13,9 +13,10 @@ if [ "$mode" = test ]; then
     # prometheus: promtool checks the metrics output and the alert rules;
     # clamav: sigtool builds versioned test databases (.cud);
     # curl, python3-requests: the README's examples are run as written;
-    # apparmor: apparmor_parser checks the rules this script adds.
+    # apparmor: apparmor_parser checks the rules this script adds;
+    # golang-go: builds the README's Go example.
     packages+=(clamdscan clamav-testfiles zip docker-compose pebble openssl prometheus clamav
-        curl python3-requests apparmor)
+        curl python3-requests apparmor golang-go)
 fi
 
 # Rust links with cc, and ring and the bundled SQLite compile C code:
