@@ -216,7 +216,9 @@ async fn the_go_client_tells_clean_from_infected() {
         .env("GOPATH", dir.path().join("gopath"))
         .env("GO111MODULE", "off")
         .output()
-        .unwrap_or_else(|e| panic!("cannot run go (scripts/setup.sh test installs golang-go): {e}"));
+        .unwrap_or_else(|e| {
+            panic!("cannot run go (scripts/setup.sh test installs golang-go): {e}")
+        });
     assert!(
         built.status.success(),
         "the README's Go example does not build: {}",
@@ -250,7 +252,10 @@ async fn the_go_client_tells_clean_from_infected() {
     // No file: the request fails; no empty file is scanned instead.
     std::fs::remove_file(&invoice).unwrap();
     let out = client();
-    assert!(!out.status.success(), "the Go client went on without the file");
+    assert!(
+        !out.status.success(),
+        "the Go client went on without the file"
+    );
     assert!(
         out.stdout.is_empty(),
         "{}",
