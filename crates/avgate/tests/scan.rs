@@ -552,6 +552,35 @@ async fn bad_requests_get_one_json_error_shape() {
             .unwrap();
         assert_raw_error(&answer, 415, "unsupported_encoding");
     }
+    // Two Content-Types: a form that is a clean file at the first
+    // boundary and EICAR at the second, which servers that keep the last
+    // header (gunicorn) or join them (Werkzeug) read. Refused, on every
+    // endpoint.
+    let inner = multipart_body("BBB", &[("file", Some(&b"e.com"[..]), EICAR)]);
+    let two_forms = multipart_body(
+        "AAA",
+        &[
+            ("file", Some(&b"a.txt"[..]), &b"hello"[..]),
+            ("note", None, &inner[..]),
+        ],
+    );
+    for (path, first) in [
+        ("/v1/scan", "multipart/form-data; boundary=AAA"),
+        ("/v1/scan/batch", "multipart/form-data; boundary=AAA"),
+        ("/scan", "multipart/form-data; boundary=AAA"),
+        ("/v1/scan/raw", "application/octet-stream"),
+    ] {
+        let head = raw(
+            path,
+            first,
+            "Content-Type: multipart/form-data; boundary=BBB",
+            &two_forms,
+        );
+        let answer = send_all_then_read(gw.addr, &head, &two_forms)
+            .await
+            .unwrap();
+        assert_raw_error(&answer, 400, "invalid_content_type");
+    }
     let identity = raw(
         "/v1/scan/raw",
         "application/octet-stream",

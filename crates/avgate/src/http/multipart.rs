@@ -15,9 +15,10 @@
 //! - part headers: CRLF line endings, no folded lines, no control
 //!   characters, no header twice; a `Content-Disposition: form-data` with
 //!   a `name`, parameter names compared without case, none twice, none
-//!   with RFC 2231's `*` (RFC 7578 forbids them in form data), no `\"`
-//!   inside a quoted value (escape-aware and literal parsers end the value
-//!   in different places);
+//!   with RFC 2231's `*` (RFC 7578 forbids them in form data; continuations
+//!   such as `name*0` too), no `\"` inside a quoted value (escape-aware and
+//!   literal parsers end the value in different places), no unquoted value
+//!   that starts with `'` (PHP reads it as quoted);
 //! - framing: the boundary string appears only at the start of a
 //!   delimiter line (RFC 2046: it must not occur inside a part; not after
 //!   a bare LF or CR, not mid-line); nothing but blank lines before the
@@ -166,15 +167,25 @@ fn parse_header_value(value: &[u8]) -> Result<(&[u8], Vec<(String, Vec<u8>)>), M
             if len == 0 {
                 return malformed(format!("the parameter {name:?} has an empty value"));
             }
+            // `'` is a token character, but PHP reads name='file' as
+            // `file` in single quotes: the part would be "file" for PHP and
+            // another field for avgate.
+            if rest[0] == b'\'' {
+                return malformed(format!(
+                    "the parameter {name:?} starts with a single quote, which parsers read differently; use double quotes"
+                ));
+            }
             let token = rest[..len].to_vec();
             rest = &rest[len..];
             token
         };
         // filename* is what .NET's MultipartFormDataContent sends beside
         // filename with every file: only a label, and ignored (the name
-        // reported is the plain filename). Any other RFC 2231 parameter,
-        // name* above all, is refused.
-        if name.ends_with('*') && name != "filename*" {
+        // reported is the plain filename). Any other RFC 2231 parameter is
+        // refused, name* above all, and so are continuations (name*0,
+        // name*1*...), which Werkzeug joins into `name`: name=""; name*0=
+        // "file" is the file part for Flask and an ignored one otherwise.
+        if name.contains('*') && name != "filename*" {
             return malformed(format!(
                 "the parameter {name:?} (RFC 2231 encoding) is not allowed in form data (RFC 7578); send the plain parameter"
             ));
@@ -823,6 +834,12 @@ Content-Type: application/octet-stream\r\n\r\n\x00\r\n-\r\n--X\r\n--XyZ--\r\n\r\
             ("two encodings", part("Content-Disposition: form-data; name=\"file\"\r\nContent-Transfer-Encoding: base64\r\ncontent-transfer-encoding: binary")),
             ("name*", part("Content-Disposition: form-data; name*=UTF-8''file")),
             ("filename* twice", part("Content-Disposition: form-data; name=\"file\"; filename*=UTF-8''a; filename*=UTF-8''b")),
+            // Werkzeug (Flask) joins continuations into `name`: "file".
+            ("an RFC 2231 continuation of name", part("Content-Disposition: form-data; name=\"\"; name*0=\"file\"; filename=\"e.com\"")),
+            ("an RFC 2231 continuation of filename", part("Content-Disposition: form-data; name=\"file\"; filename*0=\"a\"; filename*1=\"b\"")),
+            // PHP reads 'file' as file in single quotes.
+            ("a name in single quotes", part("Content-Disposition: form-data; name='file'; filename='e.com'")),
+            ("a filename in single quotes", part("Content-Disposition: form-data; name=\"file\"; filename='e.com'")),
             ("text before the first boundary", b"x\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--\r\n".to_vec()),
             ("a bare LF before the first boundary", b"\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--\r\n".to_vec()),
             ("a part after the closing boundary", b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\ncd\r\n--XyZ--\r\n".to_vec()),

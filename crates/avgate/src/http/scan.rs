@@ -123,7 +123,7 @@ pub async fn scan_raw(
 ) -> Result<Response, ApiError> {
     let max = state.limits.max_size;
     let headers = request.headers();
-    refuse_encoded_body(headers)?;
+    refuse_ambiguous_body(headers)?;
     match content_type(headers) {
         None => {}
         Some(ct) if ct == "application/octet-stream" => {}
@@ -223,11 +223,27 @@ fn scan_slot(state: &AppState) -> Result<OwnedSemaphorePermit, ApiError> {
         .map_err(|_| ApiError::server_busy())
 }
 
-/// Refuses a body with a content coding (gzip, deflate...) or a transfer
-/// coding other than chunked. avgate would scan the encoded bytes, while a
-/// proxy or application that decodes the body stores something else (clamd
-/// unpacks gzip, but not zlib or raw deflate).
-fn refuse_encoded_body(headers: &HeaderMap) -> Result<(), ApiError> {
+/// Refuses a body that the application behind avgate could read as
+/// something else than avgate scans:
+/// - a content coding (gzip, deflate...) or a transfer coding other than
+///   chunked: avgate would scan the encoded bytes, while a proxy or
+///   application that decodes the body stores something else (clamd unpacks
+///   gzip, but not zlib or raw deflate);
+/// - two Content-Type headers: avgate would split the form at one boundary,
+///   while servers that keep the last header (gunicorn) or join them
+///   (RFC 9110, then Werkzeug takes the last boundary) split it at another.
+fn refuse_ambiguous_body(headers: &HeaderMap) -> Result<(), ApiError> {
+    if headers
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(ApiError::new(
+            Code::InvalidContentType,
+            "Content-Type appears more than once: servers differ on which one counts, so the body could be read as another file than the one scanned; send one",
+        ));
+    }
     let codings = |name| {
         headers
             .get_all(name)
@@ -331,7 +347,7 @@ impl Form {
     fn open(state: &AppState, request: Request, max_files: u64) -> Result<Form, ApiError> {
         let limits = &state.limits;
         let headers = request.headers();
-        refuse_encoded_body(headers)?;
+        refuse_ambiguous_body(headers)?;
         let Some(ct) = headers.get(header::CONTENT_TYPE) else {
             return Err(ApiError::new(Code::InvalidContentType,
                 "expected Content-Type: multipart/form-data with a part named \"file\" (or POST the bytes to /v1/scan/raw)",
