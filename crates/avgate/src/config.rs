@@ -587,6 +587,16 @@ impl Config {
             let Some(name) = key.strip_prefix("AVGATE_") else {
                 continue;
             };
+            if key == "AVGATE_LOG" {
+                // It wins over log_level, so a typo in it must not pass
+                // silently (the filter would fall back to info).
+                tracing_subscriber::EnvFilter::try_new(&value).map_err(|e| {
+                    ConfigError::Invalid {
+                        origin: format!("environment variable {key}"),
+                        message: format!("{value:?} is not a log filter: {e}"),
+                    }
+                })?;
+            }
             if ENV_NOT_KEYS.contains(&key.as_str()) || flag_env(&key) {
                 continue;
             }
@@ -674,6 +684,22 @@ impl Config {
             if zero {
                 return Err(invalid(format!("{name} must be above 0")));
             }
+        }
+        // libclamav scans no file of 2 GiB or more (it lowers a larger
+        // MaxFileSize to this and answers such files "exceeds max"): a
+        // larger max_size would accept uploads only to call them all
+        // unscannable.
+        if self.max_size.0 > CLAMAV_MAX_FILE_SIZE {
+            return Err(invalid(format!(
+                "max_size ({}) is above what ClamAV can scan: at most {CLAMAV_MAX_FILE_SIZE} bytes, just under 2 GiB (for example \"2047MiB\")",
+                self.max_size.describe()
+            )));
+        }
+        if self.min_upload_rate.0 > 0 && self.min_upload_window.0 < Duration::from_millis(100) {
+            return Err(invalid(format!(
+                "min_upload_window ({}) must be at least 100ms: shorter pauses happen on any network",
+                self.min_upload_window
+            )));
         }
         if let Some(dir) = &self.managed.temp_dir {
             if !dir.is_absolute() {
@@ -982,6 +1008,10 @@ impl Serialize for ByteSize {
         s.collect_str(self)
     }
 }
+
+/// The largest file libclamav scans: INT_MAX - 2 bytes, just under 2 GiB
+/// (it lowers a larger MaxFileSize to this, with a warning).
+pub const CLAMAV_MAX_FILE_SIZE: u64 = i32::MAX as u64 - 2;
 
 /// A duration written as `500ms`, `30s`, `5m`, `1h` (or a number of seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1428,6 +1458,9 @@ enabled = false
         assert!(Config::load(None, private, &Overrides::default()).is_ok());
         let err = load_env(&[("AVGATE_LOG_LEVEL", "avgate=loud")]).unwrap_err();
         assert!(err.to_string().contains("log_level"), "{err}");
+        let err = load_env(&[("AVGATE_LOG", "foo=bar=baz")]).unwrap_err();
+        assert!(err.to_string().contains("AVGATE_LOG"), "{err}");
+        load_env(&[("AVGATE_LOG", "info,audit=warn")]).unwrap();
     }
 
     #[test]
@@ -1575,6 +1608,23 @@ enabled = false
             let err = load_env(&[(key, value)]).unwrap_err().to_string();
             assert!(err.contains("longer than"), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn a_max_size_clamav_cannot_scan_and_a_tiny_upload_window_are_refused() {
+        let err = load_text("max_size = \"2GiB\"").unwrap_err().to_string();
+        assert!(err.contains("above what ClamAV can scan"), "{err}");
+        assert!(err.contains("2047MiB"), "{err}");
+        assert_eq!(
+            load_text("max_size = \"2047MiB\"").unwrap().max_size.0,
+            2047 << 20
+        );
+        let err = load_text("min_upload_window = \"50ms\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 100ms"), "{err}");
+        // Without a minimum rate the window means nothing.
+        load_text("min_upload_rate = 0\nmin_upload_window = \"50ms\"").unwrap();
     }
 
     #[test]

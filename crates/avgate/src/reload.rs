@@ -58,7 +58,7 @@ impl Reloader {
         let restart = needs_restart(&old, &new);
         if !restart.is_empty() {
             tracing::warn!(
-                settings = ?restart,
+                settings = %restart.join(", "),
                 "these settings changed but take effect only after a restart"
             );
         }

@@ -295,7 +295,7 @@ impl Signatures {
                 outcome => tracing::info!(
                     backend = %result.backend,
                     outcome,
-                    database = ?result.database_after,
+                    database = result.database_after,
                     took_ms = result.finished_ms - result.started_ms,
                     "backend reloaded"
                 ),

@@ -33,7 +33,7 @@ pub enum TokenCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a token: refused from the next request on.
+    /// Revoke a token: a running server refuses it within a second.
     Revoke {
         #[command(flatten)]
         store: StoreArgs,

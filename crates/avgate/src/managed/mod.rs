@@ -963,14 +963,15 @@ fn announce_database(report: &SyncReport, layout: &DatabaseLayout, mode: &Update
         DatabaseKind::TestSignaturesOnly | DatabaseKind::Custom => {
             let next = match mode {
                 UpdateMode::Freshclam(f) => format!(
-                    "avgate runs freshclam ({}) shortly and then every {:?}, and switches to the official \
+                    "avgate runs freshclam ({}) shortly and then every {}, and switches to the official \
                      database as soon as it has one (freshclam needs to reach a mirror)",
                     f.executable.display(),
-                    f.interval
+                    crate::config::Humantime(f.interval)
                 ),
                 UpdateMode::Follow { why } => format!(
                     "updates: {why}. Run `freshclam` (apt-get install clamav-freshclam): avgate switches \
-                     to the official database when {SYSTEM_DATABASE} has one"
+                     to the official database when {} has one",
+                    layout.system_dir.display()
                 ),
             };
             tracing::warn!(
@@ -1135,13 +1136,16 @@ fn clamd_conf(
     // clamd's size options are 32-bit on some builds; stay below 4 GiB.
     const CLAMD_MAX: u64 = 4_000_000_000;
     let stream_max = stream_max.min(CLAMD_MAX);
+    // libclamav lowers a larger MaxFileSize to this (and warns); MaxScanSize
+    // stays equal to it, see below.
+    let file_max = crate::config::CLAMAV_MAX_FILE_SIZE;
     // MaxFileSize equals MaxScanSize on purpose. avgate enforces the upload
     // size itself; inside clamd, MaxFileSize also applies to each file
     // extracted from an archive, and clamd 1.4 skips the part of such a
     // member past MaxFileSize WITHOUT an alert even with AlertExceedsMax
     // (a zip holding 151 MiB of zeros and then EICAR came back OK). Going
     // past MaxScanSize is alerted, so the two limits must coincide.
-    let scan_size = (config.max_size.0.saturating_mul(4)).clamp(400 << 20, CLAMD_MAX);
+    let scan_size = (config.max_size.0.saturating_mul(4)).clamp(400 << 20, file_max);
     let max_size = scan_size;
     // clamd must give up (and say so) before we stop waiting for it.
     let scan_timeout = config.clamd.scan_timeout.0;
@@ -1308,6 +1312,33 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_max_size_gives_limits_clamav_keeps() {
+        // 4 x 2047 MiB would be far past what libclamav scans: it would
+        // lower MaxFileSize alone (with a warning) and the two limits would
+        // no longer coincide.
+        let mut config = Config::load(None, vec![], &Overrides::default()).unwrap();
+        config.max_size = crate::config::ByteSize(2047 << 20);
+        let conf = clamd_conf(
+            &config,
+            Path::new("/d/clamd.sock"),
+            Path::new("/d/clamd.pid"),
+            Path::new("/d/db"),
+            Path::new("/d/tmp"),
+            config.max_size.0 + 1024 * 1024,
+        );
+        for line in [
+            "MaxFileSize 2147483645",
+            "MaxScanSize 2147483645",
+            "StreamMaxLength 2147483648",
+        ] {
+            assert!(
+                conf.lines().any(|l| l == line),
+                "missing {line:?} in\n{conf}"
+            );
+        }
+    }
+
+    #[test]
     fn test_signatures_are_embedded() {
         let all: String = database::TEST_SIGNATURES.iter().map(|(_, c)| *c).collect();
         assert!(all.contains("Eicar-Test-Signature"));
@@ -1402,6 +1433,25 @@ pub struct ExternalCheck {
     /// `PCREMaxFileSize` in bytes (clamd's default when the file does not
     /// set it); `None` when it does not parse.
     pub pcre_max_file_size: Option<u64>,
+    /// `StreamMaxLength`, `MaxFileSize` and `MaxScanSize` in bytes, each
+    /// clamd's default when the file does not set it; `None` when it does
+    /// not parse.
+    pub size_limits: [(&'static str, Option<u64>); 3],
+}
+
+impl ExternalCheck {
+    /// The size limits under which a file of `max_size` is not scanned, as
+    /// `Name size` (0 is "no limit" for them).
+    fn limits_below(&self, max_size: u64) -> Vec<String> {
+        self.size_limits
+            .iter()
+            .filter_map(|(name, limit)| {
+                limit
+                    .filter(|&n| n > 0 && n < max_size)
+                    .map(|n| format!("{name} {}", ByteSize(n)))
+            })
+            .collect()
+    }
 }
 
 /// clamd's `PCREMaxFileSize` when its clamd.conf does not set it.
@@ -1415,6 +1465,13 @@ pub fn check_external_conf(address: &clamd::Address, conf: &str) -> Option<Exter
     let mut tcp_port = None;
     let mut alert = false;
     let mut pcre_max = Some(CLAMD_DEFAULT_PCRE_MAX_FILE_SIZE);
+    // clamd's own defaults (Debian's generated clamd.conf sets 25M, 25M
+    // and 100M).
+    let mut size_limits = [
+        ("StreamMaxLength", Some(100 << 20)),
+        ("MaxFileSize", Some(100 << 20)),
+        ("MaxScanSize", Some(400 << 20)),
+    ];
     for line in conf.lines() {
         let line = line.trim();
         if line.starts_with('#') {
@@ -1432,7 +1489,11 @@ pub fn check_external_conf(address: &clamd::Address, conf: &str) -> Option<Exter
             }
             // avgate's sizes use clamd.conf's units (K, M: 1024 multiples).
             "PCREMaxFileSize" => pcre_max = value.parse::<ByteSize>().ok().map(|s| s.0),
-            _ => {}
+            _ => {
+                if let Some((_, limit)) = size_limits.iter_mut().find(|(name, _)| *name == key) {
+                    *limit = value.parse::<ByteSize>().ok().map(|s| s.0);
+                }
+            }
         }
     }
     let matches = match address {
@@ -1450,6 +1511,7 @@ pub fn check_external_conf(address: &clamd::Address, conf: &str) -> Option<Exter
     matches.then_some(ExternalCheck {
         alert_exceeds_max: alert,
         pcre_max_file_size: pcre_max,
+        size_limits,
     })
 }
 
@@ -1491,6 +1553,20 @@ pub fn warn_about_external_clamd(address: &clamd::Address, conf_path: &Path, max
              Set AlertExceedsMax yes (and AlertEncrypted yes) in its clamd.conf."
         );
     }
+    let below = check.limits_below(max_size);
+    if !below.is_empty() {
+        tracing::warn!(
+            backend = %address,
+            config = %conf_path.display(),
+            limits = %below.join(", "),
+            max_size = %ByteSize(max_size).describe(),
+            "this clamd's size limits are below avgate's max_size: files between them and \
+             max_size come back unscannable (FOUND, Heuristics.Limits.Exceeded.* or \
+             avgate.Limits.Exceeded.StreamMaxLength), never scanned. Raise StreamMaxLength, \
+             MaxFileSize and MaxScanSize in its clamd.conf to max_size or more (and set \
+             clamd.stream_max_length to its StreamMaxLength), or lower max_size."
+        );
+    }
     if let Some(pcre_max) = check.pcre_max_file_size.filter(|&n| n < max_size) {
         tracing::warn!(
             backend = %address,
@@ -1517,19 +1593,44 @@ mod external_tests {
             Some(ExternalCheck {
                 alert_exceeds_max: false,
                 pcre_max_file_size: Some(100 << 20),
+                size_limits: [
+                    ("StreamMaxLength", Some(100 << 20)),
+                    ("MaxFileSize", Some(100 << 20)),
+                    ("MaxScanSize", Some(400 << 20)),
+                ],
             })
         );
         let other: clamd::Address = "unix:/tmp/other.sock".parse().unwrap();
         assert_eq!(check_external_conf(&other, conf), None);
-        let conf = "TCPSocket 3310\nAlertExceedsMax yes\nPCREMaxFileSize 600M\n";
+        // Debian's generated clamd.conf, with the alerts turned on.
+        let conf = "TCPSocket 3310\nAlertExceedsMax yes\nPCREMaxFileSize 600M\n\
+                    StreamMaxLength 25M\nMaxFileSize 25M\nMaxScanSize 100M\n";
         let tcp: clamd::Address = "tcp://127.0.0.1:3310".parse().unwrap();
         assert_eq!(
             check_external_conf(&tcp, conf),
             Some(ExternalCheck {
                 alert_exceeds_max: true,
                 pcre_max_file_size: Some(600 << 20),
+                size_limits: [
+                    ("StreamMaxLength", Some(25 << 20)),
+                    ("MaxFileSize", Some(25 << 20)),
+                    ("MaxScanSize", Some(100 << 20)),
+                ],
             })
         );
+        let debian = check_external_conf(&tcp, conf).unwrap();
+        assert_eq!(
+            debian.limits_below(150 << 20),
+            [
+                "StreamMaxLength 25MiB",
+                "MaxFileSize 25MiB",
+                "MaxScanSize 100MiB"
+            ]
+        );
+        assert!(debian.limits_below(25 << 20).is_empty());
+        let unlimited = "TCPSocket 3310\nStreamMaxLength 0\nMaxFileSize 0\nMaxScanSize 0\n";
+        let unlimited = check_external_conf(&tcp, unlimited).unwrap();
+        assert!(unlimited.limits_below(150 << 20).is_empty());
         let remote: clamd::Address = "tcp://10.0.0.5:3310".parse().unwrap();
         assert_eq!(check_external_conf(&remote, conf), None);
     }

@@ -49,7 +49,9 @@ pub enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove an entry (by id, pol_...): it stops applying at once.
+    /// Remove an entry (by id, pol_...): a running server drops it within
+    /// `policy.refresh_interval` (2 s); a managed clamd, within its next
+    /// reload (seconds; see docs/operations.md, "When a change applies").
     Remove {
         #[command(flatten)]
         store: StoreArgs,
