@@ -276,6 +276,29 @@ async fn a_file_two_backends_hang_up_on_is_not_sent_to_a_third() {
     gw.stop().await;
 }
 
+/// The only backend hangs up on a file it had (or part of it) and there is
+/// no other to send it to: clamd failed on this file (`engine_error`, as
+/// docs/api.md says), rather than "no backend" (`engine_unavailable`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_only_backend_hanging_up_on_a_file_is_an_engine_error() {
+    for (fault, size, seed) in [
+        // Held whole and sent on a session.
+        (Fault::DieAfter(usize::MAX), 300_000, 30),
+        // Streamed, replayable, cut off part-way.
+        (Fault::DieAfter(100_000), 500_000, 31),
+    ] {
+        let fake = FakeClamd::start(fault).await;
+        let mut cfg = config(std::slice::from_ref(&fake.address));
+        cfg.replay_buffer = mib(1);
+        let gw = Gateway::start(cfg).await;
+        gw.wait_all_backends_up(Duration::from_secs(10)).await;
+        let answer = gw.scan("crash.bin", random_bytes(size, seed)).await;
+        assert_error(&answer, 503, "engine_error");
+        assert_eq!(answer.1["status"], "ERROR");
+        gw.stop().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ok_from_a_clamd_that_hung_up_mid_stream_is_not_a_verdict() {
     // The backend answers `stream: OK` after 100 kB of a 2 MiB stream and
@@ -288,6 +311,25 @@ async fn an_ok_from_a_clamd_that_hung_up_mid_stream_is_not_a_verdict() {
     let answer = gw.scan("big.bin", random_bytes(2 << 20, 4)).await;
     assert_error(&answer, 503, "engine_error");
     assert_eq!(answer.1["status"], "ERROR");
+    gw.stop().await;
+}
+
+/// The same when every write succeeded: the stream fit in the socket
+/// buffers, the terminator too, and clamd's OK came after it. Only the
+/// reset after that OK (clamd closed with bytes unread) tells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ok_followed_by_a_reset_is_not_a_verdict() {
+    let early = FakeClamd::start(Fault::OkAfterPause(100_000)).await;
+    let mut cfg = config(std::slice::from_ref(&early.address));
+    // Streamed (not held for one write on a session), and not replayable.
+    cfg.clamd.small_file_max_size = avgate::config::ByteSize(0);
+    cfg.replay_buffer = avgate::config::ByteSize(64 * 1024);
+    let gw = Gateway::start(cfg).await;
+    for seed in 0..3 {
+        let answer = gw.scan("part.bin", random_bytes(200_000, 50 + seed)).await;
+        assert_error(&answer, 503, "engine_error");
+        gw.wait_all_backends_up(Duration::from_secs(10)).await;
+    }
     gw.stop().await;
 }
 

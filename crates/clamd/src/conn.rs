@@ -334,6 +334,30 @@ impl Connection {
     }
 
     /// Reads one NUL-terminated reply.
+    /// After its reply to a command outside a session clamd closes the
+    /// connection, having read all we sent. A reset instead of that end
+    /// means it closed with our bytes unread: it answered before it had
+    /// the whole stream (the answer raced our last writes into the socket
+    /// buffers, so they did not fail), and an OK then covers only part of
+    /// the file. Waits at most `limit` for the end; no end by then is not
+    /// held against the reply.
+    async fn closed_cleanly(&mut self, limit: Duration) -> Result<(), Error> {
+        let unread = |what: String| {
+            Error::Protocol(proto::ParseError::Unexpected(format!(
+                "clamd answered OK, then {what}: it had not read the whole stream"
+            )))
+        };
+        if !self.buf.is_empty() {
+            return Err(unread("sent more".into()));
+        }
+        let mut byte = [0u8; 1];
+        match timeout(limit, self.socket.read(&mut byte)).await {
+            Ok(Ok(0)) | Err(_) => Ok(()),
+            Ok(Ok(_)) => Err(unread("sent more".into())),
+            Ok(Err(e)) => Err(unread(format!("reset the connection ({e})"))),
+        }
+    }
+
     async fn read_reply(&mut self, limit: Duration) -> Result<Vec<u8>, Error> {
         let read = async {
             loop {
@@ -472,7 +496,11 @@ impl Instream {
             });
         }
         let reply = self.conn.read_reply(self.conn.timeouts.reply).await?;
-        Ok(ScanReply::parse(&reply)?)
+        let reply = ScanReply::parse(&reply)?;
+        if reply == ScanReply::Clean {
+            self.conn.closed_cleanly(Duration::from_secs(1)).await?;
+        }
+        Ok(reply)
     }
 
     async fn reply_after_write_error(&mut self, original: Error) -> Error {

@@ -430,7 +430,7 @@ impl ClamavScan {
                 }
                 // Connection refused or reset: the stream goes to another
                 // backend, with the held bytes.
-                self.fail_over(e).await?;
+                self.fail_over(e, had_file).await?;
                 Ok(None)
             }
         }
@@ -463,8 +463,9 @@ impl ClamavScan {
     }
 
     /// After a backend failed: mark it down and, if every byte received so
-    /// far is still held, send them again to another backend.
-    async fn fail_over(&mut self, error: clamd::Error) -> Result<(), EngineError> {
+    /// far is still held, send them again to another backend. `mid_scan`:
+    /// it failed with (part of) the file, not while connecting.
+    async fn fail_over(&mut self, error: clamd::Error, mid_scan: bool) -> Result<(), EngineError> {
         if let Some(lease) = self.lease.take() {
             tracing::warn!(backend = %lease.backend().address, error = %error, "clamd backend failed mid-scan");
             lease.backend().mark_down(&error);
@@ -474,7 +475,12 @@ impl ClamavScan {
         if self.replay.is_none() {
             return Err(engine_error(error));
         }
-        self.start_stream().await
+        match self.start_stream().await {
+            // No other backend to replay on, after one failed on this file:
+            // that failure is the answer (engine_error), not "none there".
+            Err(EngineError::Unavailable(_)) if mid_scan => Err(engine_error(error)),
+            other => other,
+        }
     }
 
     /// clamd's reply, reported; then the slot is freed. When a waiting
@@ -638,7 +644,7 @@ impl EngineScan for ClamavScan {
                 Ok(())
             }
             Err(e) if e.is_timeout() => Err(self.stalled(e)),
-            Err(e) => self.fail_over(e).await,
+            Err(e) => self.fail_over(e, true).await,
         }
     }
 
@@ -684,7 +690,7 @@ impl EngineScan for ClamavScan {
                 Err(e @ clamd::Error::Protocol(_)) => return Err(engine_error(e)),
                 Err(e) => {
                     self.moving_after_whole_file(&e)?;
-                    self.fail_over(e).await?
+                    self.fail_over(e, true).await?
                 }
             }
         }

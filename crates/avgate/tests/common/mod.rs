@@ -432,6 +432,11 @@ pub enum Fault {
     /// Reads this many payload bytes, answers `stream: OK` and drops the
     /// connection: a verdict on a stream it did not have in full.
     OkAfter(usize),
+    /// As `OkAfter`, but answers only after a pause, by which time the
+    /// client has written the rest of a small stream into the socket
+    /// buffers, so that no write of its fails: only the reset that follows
+    /// the answer says that bytes went unread.
+    OkAfterPause(usize),
     /// No fault: answers `stream: OK` (for tests of what VERSION says,
     /// such as a signed database's age, which a test clamd cannot have).
     None,
@@ -522,9 +527,12 @@ async fn fake_session(
                     if payload.len() < 4096 {
                         payload.extend_from_slice(&chunk[..len.min(4096)]);
                     }
-                    if let Fault::DieAfter(n) | Fault::OkAfter(n) = fault {
+                    if let Fault::DieAfter(n) | Fault::OkAfter(n) | Fault::OkAfterPause(n) = fault {
                         if total >= n && payload != EICAR {
-                            if let Fault::OkAfter(_) = fault {
+                            if let Fault::OkAfterPause(_) = fault {
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                            }
+                            if let Fault::OkAfter(_) | Fault::OkAfterPause(_) = fault {
                                 s.write_all(&reply("stream: OK")).await?;
                             }
                             return Ok(()); // drop the connection mid-stream
@@ -541,7 +549,7 @@ async fn fake_session(
                         Fault::Malformed => {
                             s.write_all(&reply("stream: it is probably fine")).await?
                         }
-                        Fault::DieAfter(_) | Fault::OkAfter(_) => {}
+                        Fault::DieAfter(_) | Fault::OkAfter(_) | Fault::OkAfterPause(_) => {}
                         Fault::None => s.write_all(&reply("stream: OK")).await?,
                     }
                     if !matches!(fault, Fault::None) {
