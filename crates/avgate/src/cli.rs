@@ -38,7 +38,7 @@ pub struct ServeArgs {
     #[arg(long, short = 'c', env = "AVGATE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Address to listen on [default: 127.0.0.1:8080].
-    #[arg(long, env = "AVGATE_LISTEN", value_name = "ADDR")]
+    #[arg(long, env = "AVGATE_LISTEN", value_name = "ADDR", value_parser = parse_listen)]
     pub listen: Option<SocketAddr>,
     /// An external clamd: tcp://HOST:PORT or unix:/PATH. Repeat for several
     /// (comma-separated in AVGATE_CLAMD). None: avgate runs its own.
@@ -85,12 +85,12 @@ pub struct ServeArgs {
     pub acme_ca_root: Option<PathBuf>,
     /// Plain-HTTP listener beside HTTPS, e.g. 0.0.0.0:80: ACME HTTP-01
     /// challenges, and a 308 redirect to HTTPS for everything else.
-    #[arg(long, value_name = "ADDR", help_heading = "TLS")]
+    #[arg(long, value_name = "ADDR", help_heading = "TLS", value_parser = parse_listen)]
     pub http_listen: Option<SocketAddr>,
     /// Prometheus metrics listener (GET /metrics) [default: 127.0.0.1:9464];
     /// never the public one. `metrics.enabled = false` turns it off
     /// [env: AVGATE_METRICS__LISTEN]
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub metrics_listen: Option<SocketAddr>,
 }
 
@@ -103,6 +103,14 @@ pub enum LogFormatArg {
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
     s.parse()
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        "not an IP address and port: write 127.0.0.1:8080, 0.0.0.0:8443 or [::]:8443 \
+         (a host name such as localhost is not accepted)"
+            .to_owned()
+    })
 }
 
 impl ServeArgs {
@@ -365,6 +373,32 @@ pub fn table<const N: usize>(header: [&str; N], rows: &[[String; N]], empty: &st
         out.push('\n');
     }
     out
+}
+
+/// The environment variable a rejected value came from: the argument clap
+/// names in `error` has one, it is set, and the flag is not on the command
+/// line.
+pub fn env_source_of(error: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = arg.strip_prefix("--")?.split([' ', '=']).next()?;
+    let on_command_line =
+        std::env::args().any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")));
+    if on_command_line {
+        return None;
+    }
+    fn find(command: &clap::Command, long: &str) -> Option<String> {
+        command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env())
+            .map(|v| v.to_string_lossy().into_owned())
+            .or_else(|| command.get_subcommands().find_map(|c| find(c, long)))
+    }
+    let var = find(&<Cli as clap::CommandFactory>::command(), long)?;
+    std::env::var_os(&var).is_some().then_some(var)
 }
 
 #[cfg(test)]

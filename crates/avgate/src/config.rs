@@ -916,6 +916,11 @@ impl FromStr for ByteSize {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (number, unit) = s.split_at(split);
+        if unit.starts_with(['.', ',']) {
+            return Err(format!(
+                "{s:?}: whole numbers only; use a smaller unit (1536MiB, not 1.5GiB)"
+            ));
+        }
         let number: u64 = number
             .parse()
             .map_err(|_| format!("{s:?} is not a size (examples: 150MiB, 25M, 1048576)"))?;
@@ -1024,6 +1029,11 @@ impl FromStr for Humantime {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (number, unit) = s.split_at(split);
+        if unit.starts_with(['.', ',']) {
+            return Err(format!(
+                "{s:?}: whole numbers only; use a smaller unit (1500ms, not 1.5s)"
+            ));
+        }
         let n: u64 = number
             .parse()
             .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 30s, 5m)"))?;
@@ -1553,6 +1563,10 @@ enabled = false
         assert!("12X".parse::<ByteSize>().is_err());
         assert!("M".parse::<ByteSize>().is_err());
         assert!("99999999999999G".parse::<ByteSize>().is_err());
+        let err = "1.5GB".parse::<ByteSize>().unwrap_err();
+        assert!(err.contains("whole numbers only"), "{err}");
+        let err = "1.5s".parse::<Humantime>().unwrap_err();
+        assert!(err.contains("whole numbers only"), "{err}");
         assert_eq!(ByteSize(150 << 20).to_string(), "150MiB");
         assert_eq!(
             "500ms".parse::<Humantime>().unwrap().0,

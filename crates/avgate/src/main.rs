@@ -7,7 +7,18 @@ use avgate::cli::{Cli, Command, ServeArgs};
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // clap names the flag even when the value came from its
+            // environment variable, which the user may not know it reads.
+            if let Some(var) = avgate::cli::env_source_of(&e) {
+                eprintln!("note: the value comes from the environment variable {var}");
+            }
+            return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
+        }
+    };
     match cli.command {
         Command::Token(args) => avgate::auth::cli::run(args),
         Command::Policy(args) => avgate::policy::cli::run(args),
