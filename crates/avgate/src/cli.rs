@@ -385,7 +385,11 @@ pub fn env_source_of(error: &clap::Error) -> Option<String> {
     };
     let long = arg.strip_prefix("--")?.split([' ', '=']).next()?;
     let on_command_line =
-        std::env::args().any(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")));
+        // args_os: a path argument need not be UTF-8 (args() would panic).
+        std::env::args_os().any(|a| {
+            a.to_str()
+                .is_some_and(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")))
+        });
     if on_command_line {
         return None;
     }

@@ -209,12 +209,39 @@ async fn no_bad_credential_is_ever_accepted() {
         (format!("api_key={good}"), vec![]),
         (format!("filename=a.txt&t={good}"), bearer(&good)),
         ("apikey=whatever".to_owned(), bearer(&good)),
+        // Percent-encoded, as the handlers decode it: `?filename=` of the
+        // raw endpoint would otherwise log the token as the file's name.
+        (format!("filename=%61{}", &good[1..]), bearer(&good)),
+        (
+            format!(
+                "filename={}%{:02X}{}",
+                &good[..20],
+                good.as_bytes()[20],
+                &good[21..]
+            ),
+            bearer(&good),
+        ),
     ] {
         for path in SCAN_ROUTES {
             let url = format!("{path}?{query}");
             let (status, body, _) = post(&gw, &url, &creds, EICAR).await;
             assert_eq!(status, 400, "{url}: {body}");
             assert_eq!(body["error"]["code"], "token_in_query", "{url}");
+        }
+    }
+
+    // In the path, encoded or on a route that does not exist: refused as
+    // a token in the URL, never echoed back.
+    for path in [
+        format!("/v1/admin/tokens/%61{}", &good[1..]),
+        format!("/v1/scan/{good}"),
+        format!("/v1/nope/%61{}", &good[1..]),
+    ] {
+        for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+            let (status, answer) = admin(&gw, method.clone(), &path, &good, None).await;
+            assert_eq!(status, 400, "{method} {path}: {answer}");
+            assert_eq!(answer["error"]["code"], "token_in_query", "{path}");
+            assert!(!answer.to_string().contains(&good[4..]), "{answer}");
         }
     }
 

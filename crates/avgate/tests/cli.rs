@@ -55,4 +55,17 @@ fn a_bad_value_says_what_to_write_and_where_it_came_from() {
 
     let (code, stderr) = check_config(&["--max-size", "2047MiB"], &[]);
     assert_eq!(code, Some(0), "{stderr}");
+
+    // A path that is not UTF-8 beside a bad value: the error, not a panic.
+    use std::os::unix::ffi::OsStrExt;
+    let out = Command::new(env!("CARGO_BIN_EXE_avgate"))
+        .arg("check-config")
+        .arg("--data-dir")
+        .arg(std::ffi::OsStr::from_bytes(b"/tmp/avgate-\xff"))
+        .args(["--max-size", "1.5GB"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("whole numbers only"), "{stderr}");
 }

@@ -281,15 +281,22 @@ async fn a_file_two_backends_hang_up_on_is_not_sent_to_a_third() {
 /// docs/api.md says), rather than "no backend" (`engine_unavailable`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_only_backend_hanging_up_on_a_file_is_an_engine_error() {
-    for (fault, size, seed) in [
+    for (fault, size, seed, small_file_max) in [
         // Held whole and sent on a session.
-        (Fault::DieAfter(usize::MAX), 300_000, 30),
-        // Streamed, replayable, cut off part-way.
-        (Fault::DieAfter(100_000), 500_000, 31),
+        (Fault::DieAfter(usize::MAX), 300_000, 30, mib(1)),
+        // Streamed (nothing is held for one write), replayable, cut off
+        // part-way.
+        (
+            Fault::DieAfter(100_000),
+            500_000,
+            31,
+            avgate::config::ByteSize(0),
+        ),
     ] {
         let fake = FakeClamd::start(fault).await;
         let mut cfg = config(std::slice::from_ref(&fake.address));
         cfg.replay_buffer = mib(1);
+        cfg.clamd.small_file_max_size = small_file_max;
         let gw = Gateway::start(cfg).await;
         gw.wait_all_backends_up(Duration::from_secs(10)).await;
         let answer = gw.scan("crash.bin", random_bytes(size, seed)).await;

@@ -221,6 +221,11 @@ impl Refusal {
         }
     }
 
+    /// A token in the URL (path or query).
+    pub fn token_in_url() -> Refusal {
+        Refusal::new(RefusalReason::TokenInQuery)
+    }
+
     pub fn into_api_error(self) -> ApiError {
         match self.reason {
             RefusalReason::TokenInQuery => ApiError::new(
@@ -400,6 +405,15 @@ fn token_in_query(query: Option<&str>) -> bool {
 /// (refusals of anonymous clients are recorded, and a path can be 64 KiB).
 pub(crate) fn audit_path(path: &str) -> String {
     const MAX: usize = 200;
+    // A token percent-encoded (`%61vg_...`) is masked too: the path is
+    // kept decoded when it holds one.
+    let decoded;
+    let path = if path.contains('%') && find_token(&percent_decoded(path)).is_some() {
+        decoded = percent_decoded(path);
+        decoded.as_str()
+    } else {
+        path
+    };
     let mut out = String::with_capacity(path.len().min(MAX + 3));
     let mut rest = path;
     while let Some(at) = find_token(rest) {
@@ -414,15 +428,42 @@ pub(crate) fn audit_path(path: &str) -> String {
     out
 }
 
-/// Whether `s` (a raw query value) holds a well-formed token. The checksum
-/// keeps `?filename=q3_avg_revenue.csv` from looking like one.
-fn contains_token(s: &str) -> bool {
+/// Whether `s` (a raw path, or a raw query value) holds a well-formed
+/// token, as sent or once percent-decoded (as the handlers read it: any
+/// character of a token may come encoded, `%61vg_...`). The checksum keeps
+/// `?filename=q3_avg_revenue.csv` from looking like one.
+pub(crate) fn contains_token(s: &str) -> bool {
     // Every request's path and query come here: no copy unless encoded.
     if s.contains('%') {
-        find_token(&s.replace("%5F", "_").replace("%5f", "_")).is_some()
+        find_token(&percent_decoded(s)).is_some()
     } else {
         find_token(s).is_some()
     }
+}
+
+/// `s` with every `%XX` decoded (once, as a URL's reader does); invalid
+/// UTF-8 replaced, invalid escapes kept as they are.
+fn percent_decoded(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Where the first well-formed token (checksum and all) starts in `s`.
@@ -462,6 +503,9 @@ mod tests {
             format!("x={t}"),
             format!("filename=a.pdf&x={}", t.replace('_', "%5F")),
             format!("note=my+token+is+{t}+ok"),
+            // Any character may come encoded, and is read decoded.
+            format!("filename=%61{}", &t[1..]),
+            format!("filename={}%{:02X}{}", &t[..10], t.as_bytes()[10], &t[11..]),
         ] {
             assert!(token_in_query(Some(&q)), "{q}");
         }
@@ -483,6 +527,10 @@ mod tests {
             "/v1/admin/tokens/avg_***/usage"
         );
         assert_eq!(audit_path("/v1/avg_/x"), "/v1/avg_/x");
+        let encoded = format!("/v1/admin/tokens/%61{}", &t[1..]);
+        assert!(contains_token(&encoded));
+        assert_eq!(audit_path(&encoded), "/v1/admin/tokens/avg_***");
+        assert_eq!(audit_path("/v1/a%20b"), "/v1/a%20b");
         assert_eq!(audit_path(&"/a".repeat(1000)).len(), 203);
     }
 

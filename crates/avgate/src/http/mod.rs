@@ -124,8 +124,13 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/version", get(health::version))
         .route("/v1/version", get(health::version))
-        .fallback(|| async { ApiError::not_found() })
-        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        // A leaked token pasted into a wrong URL is still called one.
+        .fallback(|uri: axum::http::Uri| async move {
+            token_in_url(&uri).unwrap_or_else(ApiError::not_found)
+        })
+        .method_not_allowed_fallback(|uri: axum::http::Uri| async move {
+            token_in_url(&uri).unwrap_or_else(ApiError::method_not_allowed)
+        })
         .with_state(state)
         .layer(middleware::from_fn_with_state(observed, request_context))
 }
@@ -152,6 +157,12 @@ pub fn redirect_router(
     };
     redirect::router(https_port, http01)
         .layer(middleware::from_fn_with_state(observed, request_context))
+}
+
+/// The refusal for a token in the path, if there is one.
+fn token_in_url(uri: &axum::http::Uri) -> Option<ApiError> {
+    crate::auth::contains_token(uri.path())
+        .then(|| crate::auth::Refusal::token_in_url().into_api_error())
 }
 
 /// What [`request_context`] needs.

@@ -17,8 +17,8 @@
 //!   a `name`, parameter names compared without case, none twice, none
 //!   with RFC 2231's `*` (RFC 7578 forbids them in form data; continuations
 //!   such as `name*0` too), no `\"` inside a quoted value (escape-aware and
-//!   literal parsers end the value in different places), no unquoted value
-//!   that starts with `'` (PHP reads it as quoted);
+//!   literal parsers end the value in different places), no unquoted
+//!   `name` or `boundary` that starts with `'` (PHP reads it as quoted);
 //! - framing: the boundary string appears only at the start of a
 //!   delimiter line (RFC 2046: it must not occur inside a part; not after
 //!   a bare LF or CR, not mid-line); nothing but blank lines before the
@@ -169,8 +169,10 @@ fn parse_header_value(value: &[u8]) -> Result<(&[u8], Vec<(String, Vec<u8>)>), M
             }
             // `'` is a token character, but PHP reads name='file' as
             // `file` in single quotes: the part would be "file" for PHP and
-            // another field for avgate.
-            if rest[0] == b'\'' {
+            // another field for avgate (and a boundary another boundary).
+            // Not filename: .NET leaves a name like '98-report.pdf unquoted,
+            // and it does not decide which part is the file.
+            if rest[0] == b'\'' && (name == "name" || name == "boundary") {
                 return malformed(format!(
                     "the parameter {name:?} starts with a single quote, which parsers read differently; use double quotes"
                 ));
@@ -814,6 +816,10 @@ Content-Type: application/octet-stream\r\n\r\n\x00\r\n-\r\n--X\r\n--XyZ--\r\n\r\
             (parsed.name.as_str(), parsed.filename.as_deref()),
             ("file", Some("a.txt"))
         );
+        // It leaves a name that starts with an apostrophe unquoted too.
+        let dotnet = b"Content-Disposition: form-data; name=file; filename='98-report.pdf; filename*=utf-8''%2798-report.pdf";
+        let parsed = parse_part_headers(dotnet).unwrap();
+        assert_eq!(parsed.filename.as_deref(), Some("'98-report.pdf"));
         // The first delimiter at the very start, no line end after the
         // closing one, an empty part.
         let body = b"--XyZ\r\nContent-Disposition: form-data; name=file\r\n\r\n\r\n--XyZ--";
@@ -838,8 +844,7 @@ Content-Type: application/octet-stream\r\n\r\n\x00\r\n-\r\n--X\r\n--XyZ--\r\n\r\
             ("an RFC 2231 continuation of name", part("Content-Disposition: form-data; name=\"\"; name*0=\"file\"; filename=\"e.com\"")),
             ("an RFC 2231 continuation of filename", part("Content-Disposition: form-data; name=\"file\"; filename*0=\"a\"; filename*1=\"b\"")),
             // PHP reads 'file' as file in single quotes.
-            ("a name in single quotes", part("Content-Disposition: form-data; name='file'; filename='e.com'")),
-            ("a filename in single quotes", part("Content-Disposition: form-data; name=\"file\"; filename='e.com'")),
+            ("a name in single quotes", part("Content-Disposition: form-data; name='file'; filename=\"e.com\"")),
             ("text before the first boundary", b"x\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--\r\n".to_vec()),
             ("a bare LF before the first boundary", b"\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--\r\n".to_vec()),
             ("a part after the closing boundary", b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nab\r\n--XyZ--\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\ncd\r\n--XyZ--\r\n".to_vec()),
