@@ -580,6 +580,10 @@ async fn a_locked_store_refuses_quota_scans_with_503_and_counts_nothing() {
         o.monthly_bytes = Some(avgate::config::ByteSize(1_000_000))
     })
     .await;
+    let (ops, _) = issue(&store, "ops", |o| {
+        o.scope = Some(avgate::auth::Scope::Admin)
+    })
+    .await;
     let gw = Gateway::start(auth_config(&clamd, dir.path())).await;
     let month = clock::Month::current();
     for token in [&files, &bytes] {
@@ -611,6 +615,11 @@ async fn a_locked_store_refuses_quota_scans_with_503_and_counts_nothing() {
         waited >= LOCK_WAIT - Duration::from_secs(1) && waited < LOCK_WAIT * 3 / 2,
         "answered after {waited:?}"
     );
+
+    // An admin call is not made unless the audit trail has it.
+    let (status, body) = admin(&gw, reqwest::Method::GET, "/v1/admin/tokens", &ops, None).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
 
     // A client that hangs up while its file's reservation waits for the
     // lock: the reservation, made once the lock is gone, is given back.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use avgate::auth::manage::{self, Actor, TokenOptions};
 use avgate::config::{ByteSize, Humantime};
-use avgate::store::{clock, SqliteStore};
+use avgate::store::{clock, SqliteStore, Store};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -446,10 +446,28 @@ async fn a_token_has_its_own_rate_and_address_list() {
     let r = scan_with(&gw, &[("authorization", &auth(&other))]).await;
     assert_eq!(r.status(), 200);
 
-    // A token bound to other addresses is refused from here.
+    // A token bound to other addresses is refused from here, and that is
+    // in the audit trail (a leaked token used elsewhere looks like this).
     let r = scan_with(&gw, &[("authorization", &auth(&elsewhere))]).await;
     assert_eq!(r.status(), 403);
     assert_eq!(json(r).await.1["error"]["code"], "ip_forbidden");
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let elsewhere_id = store
+        .find_token("elsewhere")
+        .await
+        .unwrap()
+        .expect("the token")
+        .id;
+    let audit = store.recent_audit(100).await.unwrap();
+    assert!(
+        audit.iter().any(|r| r.event == "auth_refused"
+            && r.token_id.as_deref() == Some(elsewhere_id.as_str())
+            && r.detail
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("ip_forbidden")),
+        "{audit:?}"
+    );
     gw.stop().await;
 }
 

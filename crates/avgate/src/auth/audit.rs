@@ -6,7 +6,7 @@
 //!
 //! A token itself is never part of an event: its id is.
 
-use crate::store::{clock, AuditRecord, Store};
+use crate::store::{clock, AuditRecord, Store, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -44,6 +44,12 @@ pub struct Entry {
 /// Logs `event` and appends it to the store. A store failure is logged,
 /// not returned: the operation it describes has already happened.
 pub async fn record(store: &dyn Store, event: Event, entry: Entry) {
+    let _ = record_first(store, event, entry).await;
+}
+
+/// [`record`] for an operation that has not happened yet and must not
+/// happen unrecorded (an admin call): a store failure is returned too.
+pub async fn record_first(store: &dyn Store, event: Event, entry: Entry) -> Result<(), StoreError> {
     let name = event.as_str();
     let token_id = entry.token_id.as_deref().unwrap_or("");
     let actor = entry.actor.as_deref().unwrap_or("");
@@ -62,7 +68,9 @@ pub async fn record(store: &dyn Store, event: Event, entry: Entry) {
         client: entry.client,
         detail: entry.detail,
     };
-    if let Err(e) = store.append_audit(&record).await {
+    let written = store.append_audit(&record).await;
+    if let Err(e) = &written {
         tracing::error!(error = %e, event = name, "cannot write the audit trail");
     }
+    written
 }

@@ -65,9 +65,30 @@ impl FromRequestParts<AppState> for Principal {
                 },
                 burst: r.burst,
             });
-            state
+            if let Err(e) = state
                 .perimeter
-                .check_token(parts, id, &principal.allow_ips, rate)?;
+                .check_token(parts, id, &principal.allow_ips, rate)
+            {
+                // A token used from outside its addresses: perhaps leaked.
+                if e.code == Code::IpForbidden {
+                    audit::record(
+                        state.auth.store.as_ref(),
+                        Event::AuthRefused,
+                        Entry {
+                            token_id: Some(id.clone()),
+                            actor: None,
+                            client: client(parts),
+                            detail: Some(format!(
+                                "ip_forbidden ({} {})",
+                                parts.method,
+                                super::audit_path(parts.uri.path())
+                            )),
+                        },
+                    )
+                    .await;
+                }
+                return Err(e.into());
+            }
         }
         parts.extensions.insert(principal.clone());
         Ok(principal)
@@ -97,7 +118,9 @@ impl FromRequestParts<AppState> for AdminPrincipal {
                 return Err(refuse(parts, state, refusal).await);
             }
         };
-        audit::record(
+        // Written before the call is made: an admin call the audit trail
+        // cannot hold is not made (security.md).
+        audit::record_first(
             state.auth.store.as_ref(),
             Event::AdminCall,
             Entry {
@@ -111,7 +134,8 @@ impl FromRequestParts<AppState> for AdminPrincipal {
                 )),
             },
         )
-        .await;
+        .await
+        .map_err(|_| AuthRejection(super::store_unavailable()))?;
         Ok(admin)
     }
 }

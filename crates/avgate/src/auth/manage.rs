@@ -83,6 +83,11 @@ impl TokenOptions {
                 "name {name:?}: use letters, digits, '-', '_' and '.'"
             ));
         }
+        // `.` and `..` in /v1/admin/tokens/{name} are dot segments: HTTP
+        // clients remove them, so such a token could not be managed.
+        if name.bytes().all(|b| b == b'.') {
+            return Err(format!("name {name:?}: a name must not be only dots"));
+        }
         if name.starts_with(token::ID_PREFIX) || name.starts_with(token::PREFIX) {
             return Err(format!(
                 "name {name:?}: names must not start with {:?} or {:?}",
@@ -549,6 +554,8 @@ mod tests {
             options(""),
             options("has space"),
             options("tok_abc"),
+            options("."),
+            options(".."),
             options(&"x".repeat(65)),
             TokenOptions {
                 burst: Some(5),

@@ -106,7 +106,7 @@ impl Perimeter {
     ) -> Result<(), ApiError> {
         let ip = client_ip_of(request);
         if !allow_ips.is_empty() && !network::contains(allow_ips, ip) {
-            tracing::warn!(target: "audit", client = %ip, token_id, "address not allowed for this token");
+            // Audited (event auth_refused) by the token extractor.
             return Err(forbidden_ip());
         }
         let Some(spec) = rate.or(self.per_token) else {
