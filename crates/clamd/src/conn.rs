@@ -121,6 +121,10 @@ pub enum Error {
     /// FILDES over TCP: file descriptors only travel over Unix sockets.
     #[error("passing a file descriptor needs a Unix-socket backend")]
     FdNeedsUnixSocket,
+    /// clamd's replies and our commands are out of step (a reply nobody
+    /// asked for, two replies to one command): none of them can be trusted.
+    #[error("clamd's replies are out of step with the commands: {0}")]
+    Desync(&'static str),
 }
 
 impl Error {
@@ -334,6 +338,24 @@ impl Connection {
     }
 
     /// Reads one NUL-terminated reply.
+    /// Whether anything has come that nothing asked for yet: a reply, the
+    /// connection's end or an error. Looked at without waiting and without
+    /// reading it (a peek at the socket, not tokio's cached readiness,
+    /// which may not know of bytes that just arrived).
+    fn anything_arrived(&self) -> bool {
+        use rustix::net::RecvFlags;
+        if !self.buf.is_empty() {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        let flags = RecvFlags::PEEK | RecvFlags::DONTWAIT;
+        let peeked = match &self.socket {
+            Socket::Tcp(s) => rustix::net::recv(s, &mut byte[..], flags),
+            Socket::Unix(s) => rustix::net::recv(s, &mut byte[..], flags),
+        };
+        !matches!(peeked, Err(rustix::io::Errno::AGAIN))
+    }
+
     /// After its reply to a command outside a session clamd closes the
     /// connection, having read all we sent. A reset instead of that end
     /// means it closed with our bytes unread: it answered before it had
@@ -400,8 +422,19 @@ impl Session {
         self.idle_since.elapsed()
     }
 
+    /// A session is quiet between commands: anything that came meanwhile
+    /// (a reply nobody asked for, its end) makes it unusable, before the
+    /// next reply could be mistaken for the answer to the next command.
+    fn check_quiet(&self) -> Result<(), Error> {
+        if self.conn.anything_arrived() {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
     /// `FILDES` inside the session (see [`Connection::scan_fd`]).
     pub async fn scan_fd(&mut self, fd: BorrowedFd<'_>) -> Result<ScanReply, Error> {
+        self.check_quiet()?;
         self.conn.send_fd(fd).await?;
         let reply = self.reply().await?;
         Ok(ScanReply::parse_fildes(reply.as_bytes())?)
@@ -409,18 +442,25 @@ impl Session {
 
     /// `INSTREAM` of data held in memory, inside the session.
     pub async fn scan_chunks(&mut self, chunks: &[bytes::Bytes]) -> Result<ScanReply, Error> {
+        self.check_quiet()?;
         let mut message = Vec::with_capacity(
-            Command::Instream.encode().len()
-                + chunks.iter().map(|c| c.len() + 4).sum::<usize>()
-                + proto::END_OF_STREAM.len(),
+            Command::Instream.encode().len() + chunks.iter().map(|c| c.len() + 4).sum::<usize>(),
         );
         message.extend_from_slice(Command::Instream.encode());
         for (header, piece) in chunks.iter().flat_map(|chunk| proto::chunks(chunk)) {
             message.extend_from_slice(&header);
             message.extend_from_slice(piece);
         }
-        message.extend_from_slice(&proto::END_OF_STREAM);
-        if let Err(e) = self.conn.write_all(&message).await {
+        // The end marker goes on its own, once nothing has come back: a
+        // reply before it is an early one (clamd stopped reading).
+        let mut written = self.conn.write_all(&message).await;
+        if written.is_ok() && self.conn.anything_arrived() {
+            written = Err(Error::Io(io::ErrorKind::ConnectionAborted.into()));
+        }
+        if written.is_ok() {
+            written = self.conn.write_all(&proto::END_OF_STREAM).await;
+        }
+        if let Err(e) = written {
             let Error::Io(_) = e else { return Err(e) };
             // clamd answers and closes past StreamMaxLength, and the write
             // then fails while its reply is readable (as for a stream,
@@ -430,8 +470,13 @@ impl Session {
                 Err(_) => e,
             });
         }
-        let reply = self.reply().await?;
-        Ok(ScanReply::parse(reply.as_bytes())?)
+        let reply = ScanReply::parse(self.reply().await?.as_bytes())?;
+        // A server that answered before it had read it all and hung up is
+        // often seen by now (its end, or the reset for the bytes it left).
+        if reply == ScanReply::Clean && self.conn.anything_arrived() {
+            return Err(Error::Desync("clamd answered OK, then closed or sent more"));
+        }
+        Ok(reply)
     }
 
     /// Reads the next reply and checks that it answers our last command.
@@ -449,6 +494,10 @@ impl Session {
             ))
             .into());
         };
+        // One command, one reply: more already read is a second one.
+        if !self.conn.buf.is_empty() {
+            return Err(Error::Desync("more than one reply to one command"));
+        }
         self.next_id += 1;
         self.idle_since = Instant::now();
         Ok(body.to_owned())
@@ -489,6 +538,13 @@ impl Instream {
 
     /// Ends the stream and waits for clamd's verdict.
     pub async fn finish(mut self) -> Result<ScanReply, Error> {
+        // A reply before the end marker is an early one: clamd stopped
+        // reading (an OK then covers part of the file only).
+        if self.conn.anything_arrived() {
+            return Err(self
+                .reply_after_write_error(Error::Io(io::ErrorKind::ConnectionAborted.into()))
+                .await);
+        }
         if let Err(e) = self.conn.write_all(&proto::END_OF_STREAM).await {
             return Err(match e {
                 Error::Io(_) => self.reply_after_write_error(e).await,

@@ -437,6 +437,9 @@ pub enum Fault {
     /// buffers, so that no write of its fails: only the reset that follows
     /// the answer says that bytes went unread.
     OkAfterPause(usize),
+    /// Answers each scan truly, then at once also `stream: OK` for the
+    /// next command, before it is sent (a reply nobody asked for).
+    ReplyAhead,
     /// No fault: answers `stream: OK` (for tests of what VERSION says,
     /// such as a signed database's age, which a test clamd cannot have).
     None,
@@ -542,6 +545,17 @@ async fn fake_session(
                 if payload == EICAR {
                     s.write_all(&reply("stream: Eicar-Test-Signature FOUND"))
                         .await?;
+                } else if let (Fault::ReplyAhead, Some(n)) = (fault, session) {
+                    scans.fetch_add(1, Ordering::Relaxed);
+                    // EICAR within the first 4 KiB (all that is kept).
+                    let verdict = if payload.windows(EICAR.len()).any(|w| w == EICAR) {
+                        "stream: Eicar-Test-Signature FOUND"
+                    } else {
+                        "stream: OK"
+                    };
+                    let ahead = format!("{}: stream: OK", n + 1);
+                    s.write_all(&[&reply(verdict)[..], ahead.as_bytes(), b"\0"].concat())
+                        .await?;
                 } else {
                     scans.fetch_add(1, Ordering::Relaxed);
                     match fault {
@@ -549,7 +563,10 @@ async fn fake_session(
                         Fault::Malformed => {
                             s.write_all(&reply("stream: it is probably fine")).await?
                         }
-                        Fault::DieAfter(_) | Fault::OkAfter(_) | Fault::OkAfterPause(_) => {}
+                        Fault::DieAfter(_)
+                        | Fault::OkAfter(_)
+                        | Fault::OkAfterPause(_)
+                        | Fault::ReplyAhead => {}
                         Fault::None => s.write_all(&reply("stream: OK")).await?,
                     }
                     if !matches!(fault, Fault::None) {
