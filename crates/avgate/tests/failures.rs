@@ -340,22 +340,6 @@ async fn an_ok_followed_by_a_reset_is_not_a_verdict() {
     gw.stop().await;
 }
 
-/// The same for a small file, held and sent whole on a session: the OK
-/// and the reset come after every write went through.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_ok_followed_by_a_reset_on_a_session_is_not_a_verdict() {
-    let early = FakeClamd::start(Fault::OkAfterPause(100_000)).await;
-    let mut cfg = config(std::slice::from_ref(&early.address));
-    cfg.replay_buffer = mib(1);
-    let gw = Gateway::start(cfg).await;
-    for seed in 0..3 {
-        let answer = gw.scan("part.bin", random_bytes(300_000, 60 + seed)).await;
-        assert_error(&answer, 503, "engine_error");
-        gw.wait_all_backends_up(Duration::from_secs(10)).await;
-    }
-    gw.stop().await;
-}
-
 /// A reply that comes before its command was sent (clamd's replies out of
 /// step with avgate's commands on a reused session) is never taken for
 /// the next file's verdict: that file here holds EICAR.

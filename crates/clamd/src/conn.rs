@@ -473,6 +473,9 @@ impl Session {
         let reply = ScanReply::parse(self.reply().await?.as_bytes())?;
         // A server that answered before it had read it all and hung up is
         // often seen by now (its end, or the reset for the bytes it left).
+        // Best effort: one look, no wait, since a session stays open after
+        // a healthy reply and every small file would pay for a wait. A
+        // close that comes later spoils only the next command.
         if reply == ScanReply::Clean && self.conn.anything_arrived() {
             return Err(Error::Desync("clamd answered OK, then closed or sent more"));
         }

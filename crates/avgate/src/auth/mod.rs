@@ -409,7 +409,8 @@ pub(crate) fn audit_path(path: &str) -> String {
     // kept decoded when it holds one.
     let decoded;
     let path = if path.contains('%') && find_token(&percent_decoded(path)).is_some() {
-        decoded = percent_decoded(path);
+        // Control characters it decodes to stay out of the table.
+        decoded = percent_decoded(path).replace(char::is_control, "\u{fffd}");
         decoded.as_str()
     } else {
         path
@@ -530,6 +531,10 @@ mod tests {
         let encoded = format!("/v1/admin/tokens/%61{}", &t[1..]);
         assert!(contains_token(&encoded));
         assert_eq!(audit_path(&encoded), "/v1/admin/tokens/avg_***");
+        assert_eq!(
+            audit_path(&format!("/v1/%0d%0a/{encoded}")),
+            "/v1/\u{fffd}\u{fffd}//v1/admin/tokens/avg_***"
+        );
         assert_eq!(audit_path("/v1/a%20b"), "/v1/a%20b");
         assert_eq!(audit_path(&"/a".repeat(1000)).len(), 203);
     }

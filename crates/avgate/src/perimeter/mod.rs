@@ -222,7 +222,14 @@ pub async fn guard(State(p): State<Arc<Perimeter>>, mut request: Request, next: 
         )
         .into_response(),
     };
-    if response.status() == StatusCode::UNAUTHORIZED {
+    // A token used from outside its addresses counts as a failure too: it
+    // is audited, and a leaked token used elsewhere must not fill the
+    // audit table at the per-address request rate.
+    let token_elsewhere = response
+        .extensions()
+        .get::<crate::http::error::ErrorCode>()
+        .is_some_and(|c| c.0 == Code::IpForbidden);
+    if response.status() == StatusCode::UNAUTHORIZED || token_elsewhere {
         p.auth_fail_limiter
             .check(&rate_key(ip), fails.rate, fails.burst);
     }
