@@ -337,7 +337,6 @@ impl Connection {
         Ok(())
     }
 
-    /// Reads one NUL-terminated reply.
     /// Whether anything has come that nothing asked for yet: a reply, the
     /// connection's end or an error. Looked at without waiting and without
     /// reading it (a peek at the socket, not tokio's cached readiness,
@@ -380,6 +379,7 @@ impl Connection {
         }
     }
 
+    /// Reads one NUL-terminated reply.
     async fn read_reply(&mut self, limit: Duration) -> Result<Vec<u8>, Error> {
         let read = async {
             loop {

@@ -71,21 +71,7 @@ impl FromRequestParts<AppState> for Principal {
             {
                 // A token used from outside its addresses: perhaps leaked.
                 if e.code == Code::IpForbidden {
-                    audit::record(
-                        state.auth.store.as_ref(),
-                        Event::AuthRefused,
-                        Entry {
-                            token_id: Some(id.clone()),
-                            actor: None,
-                            client: client(parts),
-                            detail: Some(format!(
-                                "ip_forbidden ({} {})",
-                                parts.method,
-                                super::audit_path(parts.uri.path())
-                            )),
-                        },
-                    )
-                    .await;
+                    audit_refusal(parts, state, "ip_forbidden", Some(id.clone())).await;
                 }
                 return Err(e.into());
             }
@@ -142,23 +128,33 @@ impl FromRequestParts<AppState> for AdminPrincipal {
 
 /// Audits a refusal and turns it into the client's answer.
 async fn refuse(parts: &Parts, state: &AppState, refusal: Refusal) -> AuthRejection {
+    audit_refusal(
+        parts,
+        state,
+        refusal.reason.as_str(),
+        refusal.token_id.clone(),
+    )
+    .await;
+    AuthRejection(refusal.into_api_error())
+}
+
+/// An `auth_refused` event: why, for which request, with which token.
+async fn audit_refusal(parts: &Parts, state: &AppState, reason: &str, token_id: Option<String>) {
     audit::record(
         state.auth.store.as_ref(),
         Event::AuthRefused,
         Entry {
-            token_id: refusal.token_id.clone(),
+            token_id,
             actor: None,
             client: client(parts),
             detail: Some(format!(
-                "{} ({} {})",
-                refusal.reason.as_str(),
+                "{reason} ({} {})",
                 parts.method,
                 super::audit_path(parts.uri.path())
             )),
         },
     )
     .await;
-    AuthRejection(refusal.into_api_error())
 }
 
 fn client(parts: &Parts) -> Option<String> {

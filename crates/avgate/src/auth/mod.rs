@@ -315,7 +315,7 @@ impl Auth {
         // In the path too: `DELETE /v1/admin/tokens/avg_…` with a leaked
         // token would otherwise put it in the audit trail and the logs.
         if token_in_query(uri.query()) || contains_token(uri.path()) {
-            return Err(Refusal::new(RefusalReason::TokenInQuery));
+            return Err(Refusal::token_in_url());
         }
         let mut values = headers.get_all(header::AUTHORIZATION).iter();
         let (Some(value), None) = (values.next(), values.next()) else {
@@ -407,13 +407,13 @@ pub(crate) fn audit_path(path: &str) -> String {
     const MAX: usize = 200;
     // A token percent-encoded (`%61vg_...`) is masked too: the path is
     // kept decoded when it holds one.
-    let decoded;
-    let path = if path.contains('%') && find_token(&percent_decoded(path)).is_some() {
+    let decoded = path.contains('%').then(|| percent_decoded(path));
+    let path = match &decoded {
         // Control characters it decodes to stay out of the table.
-        decoded = percent_decoded(path).replace(char::is_control, "\u{fffd}");
-        decoded.as_str()
-    } else {
-        path
+        Some(decoded) if find_token(decoded).is_some() => {
+            &decoded.replace(char::is_control, "\u{fffd}")
+        }
+        _ => path,
     };
     let mut out = String::with_capacity(path.len().min(MAX + 3));
     let mut rest = path;

@@ -1275,40 +1275,52 @@ mod tests {
         assert!(!tmp.join("spooled").exists());
     }
 
-    #[test]
-    fn generated_conf_sets_fail_closed_options_and_limits() {
-        let config = Config::load(None, vec![], &Overrides::default()).unwrap();
-        let conf = clamd_conf(
-            &config,
+    /// clamd.conf for `config` in `/d`, and a check for its lines.
+    fn conf_in_d(config: &Config, stream_max: u64) -> String {
+        clamd_conf(
+            config,
             Path::new("/d/clamd.sock"),
             Path::new("/d/clamd.pid"),
             Path::new("/d/db"),
             Path::new("/d/tmp"),
-            config.max_size.0 + 1,
-        );
-        for line in [
-            "AlertExceedsMax yes",
-            "AlertEncrypted yes",
-            "LocalSocket /d/clamd.sock",
-            "DatabaseDirectory /d/db",
-            "MaxFileSize 629145600",
-            "MaxScanSize 629145600",
-            "PCREMaxFileSize 629145600",
-            "MaxHTMLNormalize 629145600",
-            "MaxEmbeddedPE 629145600",
-            "TemporaryDirectory /d/tmp",
-            "StreamMaxLength 157286401",
-            "MaxThreads 9",
-            "MaxScanTime 120000",
-            "Foreground yes",
-            "ConcurrentDatabaseReload yes",
-            "SelfCheck 0",
-        ] {
+            stream_max,
+        )
+    }
+
+    fn assert_lines(conf: &str, lines: &[&str]) {
+        for line in lines {
             assert!(
-                conf.lines().any(|l| l == line),
+                conf.lines().any(|l| l == *line),
                 "missing {line:?} in\n{conf}"
             );
         }
+    }
+
+    #[test]
+    fn generated_conf_sets_fail_closed_options_and_limits() {
+        let config = Config::load(None, vec![], &Overrides::default()).unwrap();
+        let conf = conf_in_d(&config, config.max_size.0 + 1);
+        assert_lines(
+            &conf,
+            &[
+                "AlertExceedsMax yes",
+                "AlertEncrypted yes",
+                "LocalSocket /d/clamd.sock",
+                "DatabaseDirectory /d/db",
+                "MaxFileSize 629145600",
+                "MaxScanSize 629145600",
+                "PCREMaxFileSize 629145600",
+                "MaxHTMLNormalize 629145600",
+                "MaxEmbeddedPE 629145600",
+                "TemporaryDirectory /d/tmp",
+                "StreamMaxLength 157286401",
+                "MaxThreads 9",
+                "MaxScanTime 120000",
+                "Foreground yes",
+                "ConcurrentDatabaseReload yes",
+                "SelfCheck 0",
+            ],
+        );
     }
 
     #[test]
@@ -1318,24 +1330,15 @@ mod tests {
         // no longer coincide.
         let mut config = Config::load(None, vec![], &Overrides::default()).unwrap();
         config.max_size = crate::config::ByteSize(2047 << 20);
-        let conf = clamd_conf(
-            &config,
-            Path::new("/d/clamd.sock"),
-            Path::new("/d/clamd.pid"),
-            Path::new("/d/db"),
-            Path::new("/d/tmp"),
-            config.max_size.0 + 1024 * 1024,
+        let conf = conf_in_d(&config, config.max_size.0 + 1024 * 1024);
+        assert_lines(
+            &conf,
+            &[
+                "MaxFileSize 2147483645",
+                "MaxScanSize 2147483645",
+                "StreamMaxLength 2147483648",
+            ],
         );
-        for line in [
-            "MaxFileSize 2147483645",
-            "MaxScanSize 2147483645",
-            "StreamMaxLength 2147483648",
-        ] {
-            assert!(
-                conf.lines().any(|l| l == line),
-                "missing {line:?} in\n{conf}"
-            );
-        }
     }
 
     #[test]
